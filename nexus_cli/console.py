@@ -1,0 +1,107 @@
+"""Everything the CLI shows a person: Rich tables, progress bars and error lines.
+
+This is the only module that imports Rich (ruff's banned-api rule keeps it so).
+Machine output (``--json``) is plain JSON on stdout and never passes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from nexus_cli.api import VerifyResult
+from nexus_cli.metadata import VersionRecord
+from nexus_cli.transfer import Progress as ProgressCallback
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def say(message: str) -> None:
+    """A line for a person, on stdout."""
+    stdout.print(message)
+
+
+def error(message: str) -> None:
+    """One error line on stderr."""
+    stderr.print(f"[bold red]error:[/] {escape(message)}")
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int) -> Iterator[ProgressCallback]:
+    """A transfer bar (bytes, speed, time left) on stderr when it is a terminal."""
+    if not stderr.is_terminal:
+        yield lambda _count: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(escape(description), total=total)
+        yield lambda count: bar.advance(task, count)
+
+
+def _metrics_text(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name}={value:g}" for name, value in metrics.items())
+
+
+def versions_table(versions: Sequence[VersionRecord]) -> None:
+    table = Table(title="Model versions (newest first)", title_justify="left")
+    for column in ("", "model", "commit", "format", "size", "sha256", "stored", "message"):
+        table.add_column(column, no_wrap=column not in ("message",))
+    table.add_column("metrics")
+    for record in versions:
+        table.add_row(
+            "[green]●[/] latest" if record.is_latest else "",
+            escape(record.model_name),
+            record.short_commit,
+            record.format,
+            human_size(record.size_bytes),
+            record.sha256[:12],
+            record.created_at.replace("T", " ").rstrip("Z"),
+            escape(record.message),
+            escape(_metrics_text(record.metrics)),
+        )
+    stdout.print(table)
+
+
+def verify_table(results: Sequence[VerifyResult]) -> None:
+    table = Table(title="Verification", title_justify="left")
+    for column in ("status", "model", "commit", "size", "detail"):
+        table.add_column(column)
+    styles = {"ok": "[green]ok[/]", "missing": "[yellow]missing[/]", "mismatch": "[red]mismatch[/]"}
+    for result in results:
+        record = result.record
+        table.add_row(
+            styles[result.status],
+            escape(record.model_name),
+            record.short_commit,
+            human_size(record.size_bytes),
+            escape(result.detail),
+        )
+    stdout.print(table)

@@ -1,0 +1,89 @@
+"""The few facts NexusML needs from git: where the repository is, HEAD, and whether it is clean."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nexus_cli.errors import GitError
+
+
+def _git():
+    """Import GitPython lazily: it costs startup time and needs a git executable."""
+    try:
+        import git
+    except ImportError as exc:  # GitPython raises ImportError when no git executable is found
+        raise GitError(f"git is not usable here: {exc}") from exc
+    return git
+
+
+@dataclass(frozen=True)
+class GitRepo:
+    """A git working tree, opened once per command."""
+
+    root: Path
+    _repo: object
+
+    @classmethod
+    def discover(cls, start: Path | None = None) -> GitRepo:
+        """Open the repository that holds ``start`` (default: the current directory)."""
+        git = _git()
+        start = (start or Path.cwd()).resolve()
+        try:
+            repo = git.Repo(start, search_parent_directories=True)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
+            raise GitError(
+                f"{start} is not inside a git repository",
+                hint="run `git init` and commit, or pass --meta",
+            ) from exc
+        if repo.bare or repo.working_tree_dir is None:
+            raise GitError(f"{repo.git_dir} is a bare repository; run nexus in a working tree")
+        return cls(Path(repo.working_tree_dir).resolve(), repo)
+
+    def head_commit(self) -> str:
+        """The full hash of HEAD, or ``GitError`` before the first commit."""
+        try:
+            return self._repo.head.commit.hexsha
+        except ValueError as exc:
+            raise GitError(
+                f"the repository at {self.root} has no commit yet",
+                hint="commit your code first: the model version is tied to a commit",
+            ) from exc
+
+    def dirty_paths(self, allowed: set[Path] = frozenset()) -> list[str]:
+        """Paths with uncommitted changes or untracked files that git does not ignore.
+
+        Paths in ``allowed`` (absolute) are left out: a change to the metadata file
+        alone never blocks a store.
+        """
+        git = _git()
+        try:
+            output = self._repo.git.status("--porcelain=v1", "-z", "--untracked-files=all")
+        except git.GitCommandError as exc:
+            raise GitError(f"git status failed in {self.root}: {exc.stderr.strip()}") from exc
+        allowed_relative = set()
+        for path in allowed:
+            try:
+                allowed_relative.add(path.resolve().relative_to(self.root).as_posix())
+            except ValueError:
+                continue
+        dirty = []
+        entries = iter(output.split("\0"))
+        for entry in entries:
+            if not entry:
+                continue
+            status, path = entry[:2], entry[3:]
+            if "R" in status or "C" in status:
+                next(entries, None)  # the rename's source path follows; the target is enough
+            if path not in allowed_relative:
+                dirty.append(path)
+        return dirty
+
+    def identity(self) -> str:
+        """``Name <email>`` from git's configuration, or ``unknown``."""
+        reader = self._repo.config_reader()
+        name = reader.get_value("user", "name", default="")
+        email = reader.get_value("user", "email", default="")
+        if name and email:
+            return f"{name} <{email}>"
+        return str(name or email or "unknown")

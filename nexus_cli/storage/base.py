@@ -1,0 +1,102 @@
+"""The one interface every object store implements.
+
+A backend moves bytes and answers questions about keys; it knows nothing of models,
+commits or metadata. Keys are ``/``-separated and relative to the store root (bucket
+plus prefix, or a local folder); ``validate_storage_key`` has checked them before a
+backend sees them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from nexus_cli.names import validate_storage_key
+from nexus_cli.transfer import Digest, Progress, VerifiedSink, hash_stream, no_progress
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store says about one object.
+
+    ``sha256`` is set only when the store itself computed it over the bytes it holds
+    (a cloud store's checksum), never from a client's claim; ``None`` means "re-read
+    the bytes to know".
+    """
+
+    key: str
+    size: int
+    sha256: str | None = None
+
+
+class ObjectStore(ABC):
+    """Put, get, stat, list and delete whole objects, streaming, never all in memory."""
+
+    #: the provider name as written in `.nexusrc`
+    provider: str = ""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where this store keeps objects, for messages (``s3://bucket/prefix``, a path)."""
+
+    @abstractmethod
+    def put_file(
+        self, source: Path, key: str, *, if_absent: bool = True, progress: Progress = no_progress
+    ) -> Digest:
+        """Upload ``source`` to ``key`` and return the digest of the bytes sent.
+
+        The file is read once: the sha256 is computed from the same bytes that go out.
+        With ``if_absent`` the write is create-only: when ``key`` is taken (also by a
+        writer that finished first during this call) it raises ``ObjectExistsError``
+        carrying the digest, and the stored object is left as it was. A failed or
+        interrupted write never leaves a partial object at ``key``.
+        """
+
+    @abstractmethod
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        """Yield the object's bytes in order; ``NotFoundError`` when there is none."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size (and a store-computed sha256 where there is one) or ``None`` when missing."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; removing a missing key is not an error."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every complete object whose key starts with ``prefix``."""
+
+    # shared behaviour, built on the primitives above ----------------------------------
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def get_file(
+        self, key: str, target: Path, expected: Digest, *, progress: Progress = no_progress
+    ) -> Digest:
+        """Download ``key`` to ``target``; the file appears only if size and sha256 match.
+
+        Backends with a faster path (parallel ranged reads) override this and keep the
+        same promise: bytes are hashed as they arrive and renamed into place at the end.
+        """
+        validate_storage_key(key)
+        with VerifiedSink(target, expected) as sink:
+            for chunk in self.iter_bytes(key):
+                sink.write(chunk)
+                progress(len(chunk))
+            return sink.commit()
+
+    def content_digest(self, key: str, *, progress: Progress = no_progress) -> Digest:
+        """The sha256 and size of what the store holds at ``key``, by its bytes.
+
+        A checksum the store computed itself stands in for a re-read.
+        """
+        info = self.stat(key)
+        if info is not None and info.sha256:
+            progress(info.size)
+            return Digest(info.sha256, info.size)
+        return hash_stream(self.iter_bytes(key), progress)

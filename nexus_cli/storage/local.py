@@ -1,0 +1,115 @@
+"""The embedded default: objects are files under a folder (``.nexus/store``), git-ignored."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from nexus_cli.config import StorageConfig
+from nexus_cli.errors import NotFoundError, ObjectExistsError, StorageError
+from nexus_cli.files import INCOMPLETE_SUFFIX, fsync_dir, make_ignored_dir, temp_path_beside
+from nexus_cli.names import validate_storage_key
+from nexus_cli.storage.base import ObjectInfo, ObjectStore
+from nexus_cli.transfer import Digest, Progress, copy_hashed, no_progress, read_chunks
+
+
+class LocalStore(ObjectStore):
+    """Objects as plain files; create-only writes are a hard link, which fails if taken."""
+
+    provider = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def from_config(cls, config: StorageConfig, base_dir: Path) -> LocalStore:
+        return cls((base_dir / config.path).resolve())
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_storage_key(key)
+
+    def _storage_error(self, action: str, key: str, exc: OSError) -> StorageError:
+        return StorageError(
+            f"cannot {action} {key!r} in the local store {self.root}: {exc.strerror}",
+            hint="check the folder's permissions and free space",
+        )
+
+    def put_file(
+        self, source: Path, key: str, *, if_absent: bool = True, progress: Progress = no_progress
+    ) -> Digest:
+        target = self._path(key)
+        temp = temp_path_beside(target)
+        try:
+            make_ignored_dir(self.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb") as reader, open(temp, "xb") as writer:
+                digest = copy_hashed(reader, writer, progress)
+                writer.flush()
+                os.fsync(writer.fileno())
+            if if_absent:
+                try:
+                    os.link(temp, target)
+                except FileExistsError as exc:
+                    raise ObjectExistsError(
+                        f"{key} already exists in {self.root}", digest=digest
+                    ) from exc
+            else:
+                os.replace(temp, target)
+            fsync_dir(target.parent)
+            return digest
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and not source.exists():
+                raise NotFoundError(f"no such file: {source}") from exc
+            raise self._storage_error("write", key, exc) from exc
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"object {key} is missing from the local store {self.root}") from exc
+        except OSError as exc:
+            raise self._storage_error("read", key, exc) from exc
+        with handle:
+            try:
+                yield from read_chunks(handle)
+            except OSError as exc:
+                raise self._storage_error("read", key, exc) from exc
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            result = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._storage_error("stat", key, exc) from exc
+        return ObjectInfo(key=key, size=result.st_size)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise self._storage_error("delete", key, exc) from exc
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.is_dir():
+            return
+        for directory, subdirs, files in os.walk(self.root):
+            subdirs.sort()
+            for name in sorted(files):
+                # hidden names are ours: in-flight temp files and the .gitignore marker
+                if name.startswith(".") or name.endswith(INCOMPLETE_SUFFIX):
+                    continue
+                path = Path(directory, name)
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        yield ObjectInfo(key=key, size=path.stat().st_size)

@@ -1,0 +1,165 @@
+"""Moving bytes while hashing them: every file is read once, and hashing overlaps the I/O.
+
+``hashlib`` and file writes both release the GIL on large buffers, so a single helper
+thread that hashes chunk N while the caller writes or uploads chunk N+1 keeps two
+cores busy without any copy of the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from nexus_cli.errors import IntegrityError
+from nexus_cli.files import fsync_dir, temp_path_beside
+
+CHUNK_SIZE = 8 * 1024 * 1024
+Progress = Callable[[int], None]
+
+
+def no_progress(_: int) -> None:
+    """The progress callback that reports nowhere."""
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What a pass over some bytes found: their sha256 and their count."""
+
+    sha256: str
+    size: int
+
+
+class StreamHasher:
+    """Hashes chunks in order on a helper thread; at most ``depth`` chunks wait.
+
+    Chunks must be immutable (``bytes``) or left untouched until ``digest()`` returns.
+    """
+
+    def __init__(self, depth: int = 3) -> None:
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-hash")
+        self._pending: list[Future] = []
+        self._depth = depth
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self._size += len(chunk)
+        self._pending.append(self._pool.submit(self._hash.update, chunk))
+        while len(self._pending) > self._depth:
+            self._pending.pop(0).result()
+
+    def digest(self) -> Digest:
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+        return Digest(self._hash.hexdigest(), self._size)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def read_chunks(handle: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """Yield fresh ``bytes`` chunks of ``handle`` until its end."""
+    while chunk := handle.read(chunk_size):
+        yield chunk
+
+
+def hash_file(path: Path, progress: Progress = no_progress) -> Digest:
+    """sha256 and size of ``path`` in one read, with one reused buffer."""
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
+            size += count
+            progress(count)
+    return Digest(digest.hexdigest(), size)
+
+
+def hash_stream(chunks: Iterator[bytes], progress: Progress = no_progress) -> Digest:
+    """sha256 and size of the bytes ``chunks`` yields."""
+    hasher = StreamHasher()
+    try:
+        for chunk in chunks:
+            hasher.update(chunk)
+            progress(len(chunk))
+        return hasher.digest()
+    finally:
+        hasher.close()
+
+
+def copy_hashed(source: BinaryIO, target: BinaryIO, progress: Progress = no_progress) -> Digest:
+    """Copy ``source`` to ``target`` and return the digest of what was copied."""
+    hasher = StreamHasher()
+    try:
+        for chunk in read_chunks(source):
+            hasher.update(chunk)
+            target.write(chunk)
+            progress(len(chunk))
+        return hasher.digest()
+    finally:
+        hasher.close()
+
+
+class VerifiedSink:
+    """A write-only file that becomes ``target`` only if its bytes match what is expected.
+
+    Bytes go to a hidden temp file beside ``target`` and are hashed as they arrive;
+    ``commit()`` checks size and sha256 and renames into place, anything else removes
+    the temp file, so no partial or wrong file ever appears at ``target``.
+    """
+
+    def __init__(self, target: Path, expected: Digest) -> None:
+        self.target = target
+        self.expected = expected
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = temp_path_beside(target)
+        self._handle = open(self.temp, "xb")  # noqa: SIM115 - closed in commit/discard
+        self._hasher = StreamHasher()
+
+    def write(self, chunk: bytes) -> int:
+        self._hasher.update(chunk)
+        return self._handle.write(chunk)
+
+    def commit(self) -> Digest:
+        try:
+            actual = self._hasher.digest()
+            if actual.size != self.expected.size:
+                raise IntegrityError(
+                    f"size mismatch for {self.target.name}: expected {self.expected.size} bytes, "
+                    f"got {actual.size}"
+                )
+            if actual.sha256 != self.expected.sha256:
+                raise IntegrityError(
+                    f"sha256 mismatch for {self.target.name}: expected {self.expected.sha256}, "
+                    f"got {actual.sha256}"
+                )
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            os.replace(self.temp, self.target)
+            fsync_dir(self.target.parent)
+            return actual
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        self._hasher.close()
+        self._handle.close()
+        self.temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> VerifiedSink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
