@@ -68,7 +68,8 @@ class LocalStore(ObjectStore):
                 raise NotFoundError(f"no such file: {source}") from exc
             raise self._storage_error("write", key, exc) from exc
         finally:
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temp.unlink()
 
     def iter_bytes(self, key: str) -> Iterator[bytes]:
         path = self._path(key)

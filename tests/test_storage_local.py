@@ -1,0 +1,91 @@
+"""The local backend: the storage contract plus what only a folder on disk can show."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nexus_cli.config import StorageConfig
+from nexus_cli.errors import StorageError
+from nexus_cli.storage import open_store
+from nexus_cli.storage.local import LocalStore
+from tests.storage_contract import StorageContract, digest_of, write
+
+
+class TestLocalContract(StorageContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> LocalStore:
+        return LocalStore(tmp_path / "store")
+
+
+def test_open_store_resolves_the_path_beside_the_metadata(tmp_path: Path) -> None:
+    store = open_store(StorageConfig(provider="local", path="weights/here"), tmp_path)
+    assert isinstance(store, LocalStore)
+    assert store.root == (tmp_path / "weights" / "here").resolve()
+
+
+def test_store_folder_ignores_itself_in_git(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    store.put_file(write(tmp_path, "a", b"x"), "m/k.pt")
+    assert (tmp_path / "s" / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert [o.key for o in store.list()] == ["m/k.pt"]
+
+
+def test_list_skips_incomplete_uploads(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    store.put_file(write(tmp_path, "a", b"x"), "m/k.pt")
+    (tmp_path / "s" / "m" / ".k2.pt.abc.incomplete").write_bytes(b"partial")
+    assert [o.key for o in store.list()] == ["m/k.pt"]
+
+
+def test_a_killed_write_leaves_no_object_and_can_be_redone(tmp_path: Path) -> None:
+    """SIGKILL mid-copy (the source is a pipe we stop feeding): nothing appears at the key."""
+    fifo = tmp_path / "source.fifo"
+    os.mkfifo(fifo)
+    root = tmp_path / "s"
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from nexus_cli.storage.local import LocalStore;"
+            "LocalStore(Path(sys.argv[1])).put_file(Path(sys.argv[2]), 'm/k.pt')",
+            str(root),
+            str(fifo),
+        ]
+    )
+    try:
+        with open(fifo, "wb") as feed:
+            feed.write(os.urandom(1_000_000))
+            feed.flush()
+            deadline = time.monotonic() + 30
+            while not list((root / "m").glob(".k.pt.*.incomplete")):
+                assert time.monotonic() < deadline, "the writer never started"
+                time.sleep(0.01)
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(timeout=30)
+    except BrokenPipeError:
+        pass
+    finally:
+        writer.kill()
+    assert writer.returncode == -signal.SIGKILL
+    store = LocalStore(root)
+    assert store.stat("m/k.pt") is None
+    assert list(store.list()) == []
+
+    data = os.urandom(2_000_000)
+    digest = store.put_file(write(tmp_path, "again", data), "m/k.pt")
+    assert digest == digest_of(data)
+    assert store.content_digest("m/k.pt") == digest
+
+
+def test_a_store_root_that_is_a_file_is_a_storage_error(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    root.write_text("not a folder")
+    with pytest.raises(StorageError, match="cannot write"):
+        LocalStore(root).put_file(write(tmp_path, "a", b"x"), "m/k.pt")
