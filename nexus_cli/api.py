@@ -153,10 +153,12 @@ class Project:
         if not allow_dirty:
             dirty = repo.dirty_paths({self.meta_path})
             if dirty:
-                shown = ", ".join(dirty[:5]) + (f" and {len(dirty) - 5} more" if len(dirty) > 5 else "")
+                shown = ", ".join(dirty[:5]) + (
+                    f" and {len(dirty) - 5} more" if len(dirty) > 5 else ""
+                )
                 raise GitError(
                     f"the working tree has uncommitted changes: {shown}",
-                    hint="commit or stash them so the weights match a commit, or pass --allow-dirty",
+                    hint="commit or stash them so the weights match a commit, or use --allow-dirty",
                 )
 
         key = storage_key(model_name, commit, file_extension(source.name))
@@ -280,7 +282,11 @@ class Project:
             target = target / default_name
         self.fetch(record, target, progress=progress)
         return LoadResult(
-            record.model_name, record.commit_hash, target.absolute(), record.sha256, record.size_bytes
+            record.model_name,
+            record.commit_hash,
+            target.absolute(),
+            record.sha256,
+            record.size_bytes,
         )
 
     def fetch(
@@ -288,7 +294,9 @@ class Project:
     ) -> Path:
         """Download exactly the bytes ``record`` describes to ``target`` (verified, atomic)."""
         expected = Digest(record.sha256, record.size_bytes)
-        with progress(f"downloading {record.model_name}@{record.short_commit}", expected.size) as advance:
+        with progress(
+            f"downloading {record.model_name}@{record.short_commit}", expected.size
+        ) as advance:
             self.store_backend.get_file(record.storage_uri, target, expected, progress=advance)
         return target
 
@@ -331,7 +339,9 @@ class Project:
                 detail = f"size {info.size} bytes, recorded {record.size_bytes}"
                 results.append(VerifyResult(record, "mismatch", detail))
                 continue
-            with progress(f"verifying {record.model_name}@{record.short_commit}", info.size) as advance:
+            with progress(
+                f"verifying {record.model_name}@{record.short_commit}", info.size
+            ) as advance:
                 try:
                     actual = store.content_digest(record.storage_uri, progress=advance)
                 except NotFoundError:

@@ -20,7 +20,7 @@ import click
 import typer
 
 from nexus_cli import console
-from nexus_cli.api import Project, ProgressReporter, init_project, silent_progress
+from nexus_cli.api import ProgressReporter, Project, init_project, silent_progress
 from nexus_cli.config import StorageConfig, resolve_config
 from nexus_cli.errors import NexusError, UsageError
 from nexus_cli.gitrepo import GitRepo
@@ -102,7 +102,7 @@ def _relative(path: Path) -> str:
 
 def _commit_hint(project: Project, summary: str) -> str:
     meta = _relative(project.meta_path)
-    return f"Commit the metadata: [bold]git add {meta} && git commit -m \"{summary}\"[/]"
+    return f'Commit the metadata: [bold]git add {meta} && git commit -m "{summary}"[/]'
 
 
 def _parse_metrics(pairs: list[str]) -> dict[str, float]:
@@ -148,7 +148,7 @@ def init(
             lambda: console.say(
                 f"Wrote {_relative(config_path)} ({settings.describe()}) and "
                 f"{_relative(meta_path)}.\nCommit both: [bold]git add {_relative(config_path)} "
-                f"{_relative(meta_path)} && git commit -m \"nexus init\"[/]"
+                f'{_relative(meta_path)} && git commit -m "nexus init"[/]'
             ),
         )
 
@@ -388,7 +388,9 @@ def main() -> None:
     except click.UsageError as exc:
         message = exc.format_message()
         if "--json" in sys.argv[1:]:
-            sys.stdout.write(json.dumps({"error": {"code": "usage_error", "message": message}}) + "\n")
+            sys.stdout.write(
+                json.dumps({"error": {"code": "usage_error", "message": message}}) + "\n"
+            )
         console.error(message)
         if exc.ctx is not None:
             console.stderr.print(exc.ctx.get_usage())

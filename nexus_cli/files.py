@@ -50,7 +50,9 @@ def make_ignored_dir(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / ".gitignore"
     if not marker.exists():
-        atomic_write_text(marker, "# Created by nexus: weights and scratch files, never committed.\n*\n")
+        atomic_write_text(
+            marker, "# Created by nexus: weights and scratch files, never committed.\n*\n"
+        )
 
 
 @contextlib.contextmanager

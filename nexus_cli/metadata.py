@@ -97,7 +97,11 @@ def _check_version(raw: Any, model: str, where: str) -> VersionRecord:
     if not uri.startswith(stem) or (extension and not EXTENSION_RE.fullmatch(extension)):
         raise MetadataError(f"{where}.storage_uri: expected '{stem}.<ext>', got {uri!r}")
     for metric, value in raw["metrics"].items():
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
             raise MetadataError(f"{where}.metrics.{metric}: expected a finite number")
     if raw["signature"] is not None:
         try:
@@ -206,9 +210,7 @@ class Metadata:
         return matches[0]
 
     def get(self, model: str, commit_hash: str) -> VersionRecord | None:
-        return next(
-            (v for v in self.models.get(model, []) if v.commit_hash == commit_hash), None
-        )
+        return next((v for v in self.models.get(model, []) if v.commit_hash == commit_hash), None)
 
     # changes ------------------------------------------------------------------------------
 

@@ -20,13 +20,12 @@ _LEAKY_NAMES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_P
 
 
 @pytest.fixture(autouse=True)
-def hermetic_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def hermetic_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Every test starts with no credentials, no proxies, no user git config, no colour."""
     for name in list(os.environ):
         if name.startswith(_LEAKY_PREFIXES) or name in _LEAKY_NAMES:
             monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "home"
-    home.mkdir()
+    home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("NO_COLOR", "1")

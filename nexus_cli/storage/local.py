@@ -76,7 +76,9 @@ class LocalStore(ObjectStore):
         try:
             handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except FileNotFoundError as exc:
-            raise NotFoundError(f"object {key} is missing from the local store {self.root}") from exc
+            raise NotFoundError(
+                f"object {key} is missing from the local store {self.root}"
+            ) from exc
         except OSError as exc:
             raise self._storage_error("read", key, exc) from exc
         with handle:

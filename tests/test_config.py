@@ -1,0 +1,83 @@
+"""`.nexusrc` parsing, defaults, environment overrides and the refusal of secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nexus_cli.config import StorageConfig, load_config, parse_config, render_config, resolve_config
+from nexus_cli.errors import ConfigError
+
+
+def test_no_file_means_the_local_store(tmp_path: Path) -> None:
+    assert load_config(tmp_path / ".nexusrc", environ={}) == StorageConfig(
+        provider="local", path=".nexus/store"
+    )
+
+
+def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
+    rc = tmp_path / ".nexusrc"
+    rc.write_text('[storage]\nprovider = "s3"\nbucket = "from-file"\nprefix = "/team/a/"\n')
+    config = load_config(rc, environ={"NEXUS_BUCKET": "from-env", "NEXUS_REGION": "eu-west-1"})
+    assert config.provider == "s3"
+    assert config.bucket == "from-env"
+    assert config.region == "eu-west-1"
+    assert config.prefix == "team/a"
+
+
+def test_environment_can_switch_provider(tmp_path: Path) -> None:
+    config = load_config(
+        tmp_path / "missing",
+        environ={"NEXUS_PROVIDER": "minio", "NEXUS_BUCKET": "b",
+                 "NEXUS_ENDPOINT_URL": "http://127.0.0.1:9000"},
+    )  # fmt: skip
+    assert (config.provider, config.endpoint_url) == ("minio", "http://127.0.0.1:9000")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[storage]\naws_secret_access_key = "abc"\n',
+        '[storage]\nprovider = "s3"\nbucket = "b"\naccess_key_id = "AKIA"\n',
+        '[storage]\npassword = "hunter2"\n',
+        '[credentials]\ntoken = "x"\n',
+    ],
+)
+def test_secret_looking_keys_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="secret-looking key"):
+        parse_config(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[storage\n", "not valid TOML"),
+        ('[storage]\nbukket = "b"\n', "unknown key"),
+        ("[storage]\npath = 3\n", "must be a string"),
+        ('[other]\nx = "1"\n', "unknown table"),
+    ],
+)
+def test_malformed_files_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"provider": "ftp"}, "unknown storage provider"),
+        ({"provider": "s3"}, "needs a bucket"),
+        ({"provider": "minio", "bucket": "b"}, "needs an endpoint"),
+        ({"provider": "s3", "bucket": "b", "endpoint_url": "127.0.0.1:9000"}, "http"),
+        ({"provider": "s3", "bucket": "b", "prefix": "a/../b"}, r"\.\."),
+    ],
+)
+def test_invalid_settings_are_refused(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(values, environ={})
+
+
+def test_render_round_trips() -> None:
+    config = StorageConfig(provider="s3", bucket='odd "name"', prefix="p", region="us-east-1")
+    assert resolve_config(parse_config(render_config(config)), environ={}) == config
