@@ -112,7 +112,9 @@ class Project:
         """Find the project: ``meta`` if given, else `.nexus_meta.json` at the git root."""
         if meta is None:
             meta = GitRepo.discover(cwd).root / META_FILENAME
-        return cls(Path(meta), Path(config) if config else None)
+        project = cls(Path(meta), Path(config) if config else None)
+        _ = project.config  # a bad or secret-holding .nexusrc is refused by every command
+        return project
 
     @cached_property
     def config(self) -> StorageConfig:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from nexus_cli import console
 from nexus_cli.api import ProgressReporter, Project, init_project, silent_progress
@@ -385,21 +385,23 @@ def main() -> None:
     """Console-script entry point: like ``app()``, but usage errors also speak JSON."""
     try:
         code = app(standalone_mode=False)
-    except click.UsageError as exc:
-        message = exc.format_message()
-        if "--json" in sys.argv[1:]:
-            sys.stdout.write(
-                json.dumps({"error": {"code": "usage_error", "message": message}}) + "\n"
-            )
-        console.error(message)
-        if exc.ctx is not None:
-            console.stderr.print(exc.ctx.get_usage())
-        sys.exit(2)
-    except click.Abort:
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.Abort:
         console.error("interrupted")
-        sys.exit(130)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = 130
+    except TyperException as exc:  # a usage error found while parsing the command line
+        message = exc.format_message().strip()
+        if not message:  # `nexus` alone: the help was shown
+            sys.exit(getattr(exc, "exit_code", 2))
+        if "--json" in sys.argv[1:]:
+            error = {"error": {"code": "usage_error", "message": message}}
+            sys.stdout.write(json.dumps(error) + "\n")
+        console.error(message)
+        context = getattr(exc, "ctx", None)
+        if context is not None:
+            console.stderr.print(context.get_usage())
+        code = getattr(exc, "exit_code", 2)
     sys.exit(code if isinstance(code, int) else 0)
 
 

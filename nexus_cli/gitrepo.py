@@ -29,6 +29,8 @@ class GitRepo:
         """Open the repository that holds ``start`` (default: the current directory)."""
         git = _git()
         start = (start or Path.cwd()).resolve()
+        while not start.exists() and start != start.parent:
+            start = start.parent  # a metadata folder that is yet to be made
         try:
             repo = git.Repo(start, search_parent_directories=True)
         except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
