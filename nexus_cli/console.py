@@ -71,21 +71,20 @@ def _metrics_text(metrics: dict[str, float]) -> str:
 
 
 def versions_table(versions: Sequence[VersionRecord]) -> None:
-    table = Table(title="Model versions (newest first)", title_justify="left")
-    for column in ("", "model", "commit", "format", "size", "sha256", "stored", "message"):
-        table.add_column(column, no_wrap=column not in ("message",))
-    table.add_column("metrics")
+    table = Table(title="Model versions, newest first (● = latest)", title_justify="left")
+    for column in ("model", "commit", "format", "size", "stored"):
+        table.add_column(column, no_wrap=True, justify="right" if column == "size" else "left")
+    table.add_column("message, metrics", min_width=16)
     for record in versions:
+        marker = "[green]●[/]" if record.is_latest else " "
+        notes = " · ".join(filter(None, (record.message, _metrics_text(record.metrics))))
         table.add_row(
-            "[green]●[/] latest" if record.is_latest else "",
             escape(record.model_name),
-            record.short_commit,
+            f"{marker} {record.short_commit}",
             record.format,
             human_size(record.size_bytes),
-            record.sha256[:12],
-            record.created_at.replace("T", " ").rstrip("Z"),
-            escape(record.message),
-            escape(_metrics_text(record.metrics)),
+            record.created_at[:10],
+            escape(notes),
         )
     stdout.print(table)
 

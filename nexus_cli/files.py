@@ -5,16 +5,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 INCOMPLETE_SUFFIX = ".incomplete"
+_TEMP_NAME_RE = re.compile(r"\..+\.[0-9a-f]{12}" + re.escape(INCOMPLETE_SUFFIX))
 
 
 def temp_path_beside(target: Path) -> Path:
     """A unique hidden name in ``target``'s folder, so a rename onto ``target`` is atomic."""
     return target.with_name(f".{target.name}.{secrets.token_hex(6)}{INCOMPLETE_SUFFIX}")
+
+
+def is_temp_file(path: str | Path) -> bool:
+    """Whether ``path`` is named like a file ``temp_path_beside`` made."""
+    return bool(_TEMP_NAME_RE.fullmatch(Path(path).name))
 
 
 def fsync_dir(directory: Path) -> None:

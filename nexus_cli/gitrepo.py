@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nexus_cli.errors import GitError
+from nexus_cli.files import is_temp_file
 
 
 def _git():
@@ -56,7 +57,8 @@ class GitRepo:
         """Paths with uncommitted changes or untracked files that git does not ignore.
 
         Paths in ``allowed`` (absolute) are left out: a change to the metadata file
-        alone never blocks a store.
+        alone never blocks a store. So are untracked temp files of another nexus
+        process writing at this moment (``.<name>.<random>.incomplete``).
         """
         git = _git()
         try:
@@ -77,8 +79,9 @@ class GitRepo:
             status, path = entry[:2], entry[3:]
             if "R" in status or "C" in status:
                 next(entries, None)  # the rename's source path follows; the target is enough
-            if path not in allowed_relative:
-                dirty.append(path)
+            if path in allowed_relative or (status == "??" and is_temp_file(path)):
+                continue
+            dirty.append(path)
         return dirty
 
     def identity(self) -> str:

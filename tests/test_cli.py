@@ -74,7 +74,8 @@ def test_human_output_tells_how_to_commit_the_metadata(cli, repo: Repo) -> None:
     assert "Stored prod_model@" in result.stdout
     assert 'git add .nexus_meta.json && git commit -m "nexus: store prod_model@' in result.stdout
     table = cli("list")
-    assert "latest" in table.stdout and repo.head()[:7] in table.stdout
+    assert "latest" in table.stdout
+    assert repo.head()[:7] in table.stdout
 
 
 def test_as_a_separate_process(repo: Repo) -> None:
@@ -295,9 +296,9 @@ def test_custom_meta_and_config_paths(cli, repo: Repo, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "elsewhere" / result.json["storage_uri"]).read_bytes() == V1
     assert json.loads(meta.read_text())["models"]["prod_model"]["versions"][0]["sha256"]
-    assert cli("list", "--meta", meta, "--json").json[0]["storage_uri"] == result.json[
-        "storage_uri"
-    ]
+    assert (
+        cli("list", "--meta", meta, "--json").json[0]["storage_uri"] == result.json["storage_uri"]
+    )
 
 
 def test_secret_in_config_is_refused(cli, repo: Repo) -> None:

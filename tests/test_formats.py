@@ -27,8 +27,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("formats")
     model = Tiny().eval()
     example = torch.randn(3, 4)
-    made = {name: folder / name for name in
-            ("ts.pt", "sd.pt", "whole.pt", "ep.pt2", "w.safetensors", "plain.pkl", "other.zip")}  # fmt: skip
+    names = ("ts.pt", "sd.pt", "whole.pt", "ep.pt2", "w.safetensors", "plain.pkl", "other.zip")
+    made = {name: folder / name for name in names}
     torch.jit.save(torch.jit.trace(model, example), made["ts.pt"])
     torch.save(model.state_dict(), made["sd.pt"])
     torch.save(model, made["whole.pt"])

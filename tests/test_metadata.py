@@ -82,7 +82,11 @@ def _corrupt(document: dict, path: str, value) -> dict:
         ("models.prod_model.versions.1.commit_hash", "ABC", r"versions\[1\]\.commit_hash"),
         ("models.prod_model.versions.0.size_bytes", "10", r"size_bytes: expected int"),
         ("models.prod_model.versions.0.storage_uri", "../../etc/passwd", "storage_uri"),
-        ("models.prod_model.versions.0.storage_uri", "prod_model/" + "a" * 40 + "/x", "storage_uri"),
+        (
+            "models.prod_model.versions.0.storage_uri",
+            "prod_model/" + "a" * 40 + "/x",
+            "storage_uri",
+        ),
         ("models.prod_model.versions.0.format", "onnx", "format"),
         ("models.prod_model.versions.0.is_latest", True, "exactly one version"),
         ("models.prod_model.versions.0.model_name", "other", "listed under"),
