@@ -50,8 +50,8 @@ def error(message: str) -> None:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int) -> Iterator[ProgressCallback]:
-    """A transfer bar (bytes, speed, time left) on stderr when it is a terminal."""
-    if not stderr.is_terminal:
+    """A transfer bar (bytes, speed, time left) on stderr, shown only on a terminal."""
+    if not (stdout.is_terminal and stderr.is_terminal):
         yield lambda _count: None
         return
     columns = (

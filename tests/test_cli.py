@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -366,3 +370,32 @@ def test_store_of_a_missing_file(cli, repo: Repo) -> None:
     assert result.exit_code == 2
     assert "nope.pt is not a file" in result.stderr
     assert not (repo.path / ".nexus_meta.json").exists()
+
+
+def test_progress_bar_on_a_terminal_only(repo: Repo) -> None:
+    """On a pseudo-terminal `store` draws a transfer bar; piped, it prints none."""
+    weights = repo.write_weights("m.pt", os.urandom(64 * 1024 * 1024))
+    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": "120", "TERM": "xterm"}
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nexus_cli", "store", str(weights), "prod_model"],
+        cwd=repo.path, stdout=follower, stderr=follower, env=env,
+    )  # fmt: skip
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert process.wait(timeout=60) == 0
+    assert b"uploading m.pt" in shown
+    assert b"MB" in shown
+    repo.commit("next")
+    piped = run_nexus("store", weights, "prod_model", cwd=repo.path)
+    assert "uploading" not in piped.stdout + piped.stderr

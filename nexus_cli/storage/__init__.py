@@ -12,6 +12,9 @@ from nexus_cli.storage.base import ObjectInfo, ObjectStore
 # provider -> ("module:Class", the extra that installs its SDK)
 BACKENDS: dict[str, tuple[str, str | None]] = {
     "local": ("nexus_cli.storage.local:LocalStore", None),
+    "s3": ("nexus_cli.storage.s3:S3Store", "s3"),
+    "minio": ("nexus_cli.storage.s3:S3Store", "s3"),
+    "gcs": ("nexus_cli.storage.gcs:GCSStore", "gcs"),
 }
 
 __all__ = ["BACKENDS", "ObjectInfo", "ObjectStore", "open_store"]

@@ -1,0 +1,584 @@
+"""Amazon S3 and S3-compatible stores (MinIO: the same code with an ``endpoint_url``).
+
+Writes are create-only where asked (``If-None-Match: *`` on the single PUT or on the
+multipart completion), so of several writers of one key exactly one wins and the others
+learn it from a 412. Small files go up in one PUT carrying their SHA-256, which S3
+checks and keeps: ``stat`` can then report a SHA-256 the store computed, and ``verify``
+trusts it instead of downloading. Large files go up as a multipart upload whose parts are
+read from the file once, in order, hashed on the way and sent on a bounded thread pool;
+any failure, or Ctrl-C, aborts the upload so no parts linger. Large downloads fetch
+ranges in parallel, pinned to the ETag seen first, and are hashed in order.
+
+Credentials come only from boto3's standard chain (environment, profiles, roles).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    CredentialRetrievalError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from nexus_cli.config import StorageConfig
+from nexus_cli.errors import (
+    IntegrityError,
+    NexusError,
+    NotFoundError,
+    ObjectExistsError,
+    StorageError,
+)
+from nexus_cli.names import validate_storage_key
+from nexus_cli.storage.base import ObjectInfo, ObjectStore
+from nexus_cli.transfer import (
+    CHUNK_SIZE,
+    Digest,
+    Progress,
+    StreamHasher,
+    VerifiedSink,
+    hash_stream,
+    no_progress,
+    read_chunks,
+)
+
+MiB = 1024 * 1024
+#: files below this go up in one PUT (held in memory, at most this big), larger ones in parts
+DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
+#: part size for uploads and range size for downloads; S3 wants at least 5 MiB per part
+DEFAULT_PART_SIZE = 16 * MiB
+#: parts in flight at once; memory stays near (concurrency + 1) * part size
+DEFAULT_MAX_CONCURRENCY = 8
+MIN_PART_SIZE = 5 * MiB
+MAX_PARTS = 10_000
+
+# A multipart object's ETag ends in "-<parts>"; its checksums are checksums of checksums.
+_MULTIPART_ETAG = re.compile(r"-\d+\"?$")
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+}
+_REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraint"}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403", "Forbidden"}
+_STREAM_ERRORS = (ResponseStreamingError, ReadTimeoutError, ConnectionClosedError, IncompleteReadError)
+# what each action needs in an IAM policy, for the "access denied" hint
+_PERMISSIONS = {
+    "read": "s3:GetObject",
+    "check": "s3:GetObject",
+    "write": "s3:PutObject and s3:AbortMultipartUpload",
+    "list": "s3:ListBucket",
+    "delete": "s3:DeleteObject",
+}
+_CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), or AWS_PROFILE, "
+    "or run with an IAM role"
+)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_parallel(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """Run ``fn(item)`` for each item on ``workers`` threads and yield the results in order.
+
+    Items are pulled lazily, at most ``workers + 1`` ahead of the result being waited
+    for, which bounds memory. When the consumer stops early (an error, Ctrl-C, a
+    ``close()``), calls not yet started are cancelled and running ones are waited for, so
+    nothing is still in flight once this generator is closed.
+    """
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nexus-part")
+    window: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) > workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def hashed_parts(path: Path, part_size: int, hasher: StreamHasher) -> Iterator[tuple[int, bytes]]:
+    """``(part_number, bytes)`` of ``path`` from 1, each fed to ``hasher`` as it is read."""
+    with open(path, "rb") as handle:
+        for number, chunk in enumerate(read_chunks(handle, part_size), start=1):
+            hasher.update(chunk)
+            yield number, chunk
+
+
+def byte_ranges(size: int, part_size: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` pairs, end exclusive, that cover ``size`` bytes in order."""
+    for start in range(0, size, part_size):
+        yield start, min(start + part_size, size)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _error_code(exc: ClientError) -> tuple[str, int]:
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return str(error.get("Code", status)), int(status or 0)
+
+
+def _store_sha256(head: dict[str, Any]) -> str | None:
+    """The object's SHA-256 when S3 holds one for the whole object, else ``None``.
+
+    A multipart object's SHA-256 (``...-N``, or ``ChecksumType: COMPOSITE``; moto drops
+    both markers, hence the ETag check) is a hash of part hashes, not of the bytes.
+    """
+    value = head.get("ChecksumSHA256")
+    if not value or "-" in value or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    if _MULTIPART_ETAG.search(head.get("ETag", "")):
+        return None
+    raw = base64.b64decode(value)
+    return raw.hex() if len(raw) == 32 else None
+
+
+def make_client(endpoint_url: str | None, region: str | None, pool_size: int) -> Any:
+    """A boto3 S3 client: standard retries with backoff, path-style for custom endpoints.
+
+    ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE`` still win where a user set them.
+    """
+    retries: dict[str, Any] = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["max_attempts"] = 5
+    config = Config(
+        retries=retries,
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=pool_size,
+        s3={"addressing_style": "path"} if endpoint_url else {},
+        user_agent_extra="nexusml",
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url, region_name=region, config=config
+    )
+
+
+class S3Store(ObjectStore):
+    """Objects in an S3 bucket under an optional key prefix."""
+
+    provider = "s3"
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        provider: str = "s3",
+        client: Any = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url or None
+        self.region = region or None
+        self.provider = provider
+        self.part_size = part_size
+        self.multipart_threshold = max(multipart_threshold, 1)
+        self.max_concurrency = max(max_concurrency, 1)
+        self._bucket_checked = False
+        if client is None:
+            try:
+                client = make_client(self.endpoint_url, self.region, self.max_concurrency + 2)
+            except ProfileNotFound as exc:
+                raise StorageError(
+                    f"AWS profile {exc.kwargs.get('profile')!r} is not configured",
+                    hint="fix AWS_PROFILE or add the profile to ~/.aws/config",
+                ) from exc
+            except BotoCoreError as exc:
+                raise StorageError(f"cannot set up the S3 client: {_one_line(exc)}") from exc
+        self._client = client
+
+    @classmethod
+    def from_config(cls, config: StorageConfig, base_dir: Path) -> S3Store:
+        return cls(
+            config.bucket,
+            prefix=config.prefix,
+            endpoint_url=config.endpoint_url or None,
+            region=config.region or None,
+            provider=config.provider,
+        )
+
+    def describe(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        return f"{where} at {self.endpoint_url}" if self.endpoint_url else where
+
+    # keys and errors ----------------------------------------------------------------
+
+    def _name(self, key: str) -> str:
+        validate_storage_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _uri(self, key: str | None) -> str:
+        parts = [p for p in (self.prefix, key) if p]
+        return f"s3://{self.bucket}/{'/'.join(parts)}".rstrip("/")
+
+    def _endpoint(self) -> str:
+        if self.endpoint_url:
+            return f"the endpoint {self.endpoint_url}"
+        return f"S3 in {self.region or self._client.meta.region_name or 'the default region'}"
+
+    def _error(self, exc: Exception, action: str, key: str | None) -> NexusError:
+        """One line that names the bucket or endpoint and what to check."""
+        where = self._uri(key)
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+            return StorageError(
+                f"no usable AWS credentials to {action} {where}: {_one_line(exc)}",
+                hint=_CREDENTIALS_HINT,
+            )
+        if isinstance(exc, BotoConnectionError | ConnectionClosedError | ReadTimeoutError):
+            return StorageError(
+                f"cannot reach {self._endpoint()} to {action} {where}",
+                hint="check storage.endpoint_url or NEXUS_ENDPOINT_URL, the network and proxy, "
+                "and that the server is up",
+            )
+        if not isinstance(exc, ClientError):
+            return StorageError(f"S3 failed to {action} {where}: {_one_line(exc)}")
+        code, status = _error_code(exc)
+        message = _one_line(exc.response.get("Error", {}).get("Message", ""))
+        if code == "NoSuchBucket":
+            return self._missing_bucket()
+        if code == "NoSuchKey" or (status == 404 and key):
+            return NotFoundError(f"object {key} is missing from {self.describe()}")
+        if code in _CREDENTIAL_CODES:
+            return StorageError(
+                f"{self._endpoint()} rejected the AWS credentials ({code}) for {where}",
+                hint="check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or "
+                "AWS_PROFILE: the key is unknown, the secret wrong or the token expired",
+            )
+        if code in _REGION_CODES or status == 301:
+            return StorageError(
+                f"bucket {self.bucket!r} is not in the region the request went to ({code})",
+                hint="set storage.region or NEXUS_REGION to the bucket's region",
+            )
+        if code in _DENIED_CODES or status == 403:
+            return StorageError(
+                f"access denied: cannot {action} {where} ({code})",
+                hint=f"the credentials' policy must allow {_PERMISSIONS.get(action, action)} "
+                f"on arn:aws:s3:::{self.bucket}",
+            )
+        if status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout"}:
+            return StorageError(
+                f"{self._endpoint()} kept failing to {action} {where} after retries ({code})",
+                hint="the service is throttling or unavailable: try again later",
+            )
+        return StorageError(f"S3 refused to {action} {where}: {code} {message}".rstrip())
+
+    def _missing_bucket(self) -> StorageError:
+        return StorageError(
+            f"bucket {self.bucket!r} does not exist at {self._endpoint()}",
+            hint="create it, or fix storage.bucket / NEXUS_BUCKET (and storage.region)",
+        )
+
+    @contextlib.contextmanager
+    def _translated(self, action: str, key: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, action, key) from exc
+
+    def _check_bucket(self) -> None:
+        """Tell a missing bucket from a missing key after an ambiguous 404 (HEAD has no body)."""
+        if self._bucket_checked:
+            return
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code, status = _error_code(exc)
+            if status == 404 or code == "NoSuchBucket":
+                raise self._missing_bucket() from exc
+            if status != 403:  # 403: allowed to read objects but not to list; that's fine
+                raise self._error(exc, "check", None) from exc
+        self._bucket_checked = True
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        name = self._name(key)
+        try:
+            return self._client.head_object(Bucket=self.bucket, Key=name, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            code, status = _error_code(exc)
+            if status == 404:
+                self._check_bucket()
+                return None
+            if status == 403:
+                self._explain_forbidden(name, key, exc)
+            raise self._error(exc, "check", key) from exc
+
+    def _explain_forbidden(self, name: str, key: str, exc: ClientError) -> None:
+        """A HEAD 403 has no body; a one-byte GET tells bad credentials from a denial."""
+        try:
+            self._client.get_object(Bucket=self.bucket, Key=name, Range="bytes=0-0")
+        except ClientError as probe:
+            if _error_code(probe)[1] in (401, 403):
+                raise self._error(probe, "check", key) from exc
+        except BotoCoreError:
+            pass
+
+    # the interface --------------------------------------------------------------------
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        with self._translated("check", key):
+            head = self._head(key)
+        if head is None:
+            return None
+        return ObjectInfo(key=key, size=head["ContentLength"], sha256=_store_sha256(head))
+
+    def put_file(
+        self, source: Path, key: str, *, if_absent: bool = True, progress: Progress = no_progress
+    ) -> Digest:
+        name = self._name(key)
+        try:
+            size = source.stat().st_size
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"no such file: {source}") from exc
+        with self._translated("write", key):
+            if size < self.multipart_threshold:
+                return self._put_single(source, name, key, if_absent, progress)
+            return self._put_multipart(source, name, key, size, if_absent, progress)
+
+    def _exists_error(self, key: str, digest: Digest) -> ObjectExistsError:
+        return ObjectExistsError(f"{key} already exists in {self.describe()}", digest=digest)
+
+    def _put_single(
+        self, source: Path, name: str, key: str, if_absent: bool, progress: Progress
+    ) -> Digest:
+        """One PUT with the SHA-256 computed while the file was read; S3 checks and keeps it."""
+        hasher = StreamHasher()
+        chunks = []
+        try:
+            with open(source, "rb") as handle:
+                for chunk in read_chunks(handle):
+                    hasher.update(chunk)
+                    chunks.append(chunk)
+            digest = hasher.digest()
+        finally:
+            hasher.close()
+        body = b"".join(chunks)
+        chunks.clear()
+        checksum = base64.b64encode(bytes.fromhex(digest.sha256)).decode()
+        condition = {"IfNoneMatch": "*"} if if_absent else {}
+        for attempt in range(4):
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=name,
+                    Body=body,
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=checksum,
+                    **condition,
+                )
+                break
+            except ClientError as exc:
+                status = _error_code(exc)[1]
+                # 409: a concurrent conditional write to this key was in flight; if it has
+                # landed, it won, else try again
+                if status == 412 or (status == 409 and if_absent and self._head(key)):
+                    raise self._exists_error(key, digest) from exc
+                if status != 409 or attempt == 3:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+        progress(digest.size)
+        return digest
+
+    def _put_multipart(
+        self, source: Path, name: str, key: str, size: int, if_absent: bool, progress: Progress
+    ) -> Digest:
+        """Parts read once in order, hashed as read, sent in parallel; aborted on any failure."""
+        part_size = max(self.part_size, math.ceil(size / MAX_PARTS))
+        upload_id = self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=name, ChecksumAlgorithm="CRC32"
+        )["UploadId"]
+
+        def send(part: tuple[int, bytes]) -> tuple[int, dict[str, Any]]:
+            number, chunk = part
+            answer = self._client.upload_part(
+                Bucket=self.bucket,
+                Key=name,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=chunk,
+                ChecksumAlgorithm="CRC32",
+            )
+            done = {"PartNumber": number, "ETag": answer["ETag"]}
+            if answer.get("ChecksumCRC32"):
+                done["ChecksumCRC32"] = answer["ChecksumCRC32"]
+            return len(chunk), done
+
+        hasher = StreamHasher()
+        try:
+            parts = []
+            with closing(
+                ordered_parallel(send, hashed_parts(source, part_size, hasher), self.max_concurrency)
+            ) as sent:
+                for count, done in sent:
+                    parts.append(done)
+                    progress(count)
+            digest = hasher.digest()
+            condition = {"IfNoneMatch": "*"} if if_absent else {}
+            try:
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=name,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    **condition,
+                )
+            except ClientError as exc:
+                status = _error_code(exc)[1]
+                # 409: another completion raced ours; whoever holds the key now has won
+                if status == 412 or (status == 409 and self._head(key) is not None):
+                    raise self._exists_error(key, digest) from exc
+                raise
+            return digest
+        except BaseException:
+            self._abort(name, upload_id)
+            raise
+        finally:
+            hasher.close()
+
+    def _abort(self, name: str, upload_id: str) -> None:
+        """Best effort: a failed abort leaves parts for the bucket's lifecycle rule."""
+        with contextlib.suppress(ClientError, BotoCoreError):
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        name = self._name(key)
+        with self._translated("read", key):
+            try:
+                answer = self._client.get_object(Bucket=self.bucket, Key=name)
+            except ClientError as exc:
+                if _error_code(exc)[0] == "NoSuchKey":
+                    raise NotFoundError(f"object {key} is missing from {self.describe()}") from exc
+                raise
+            with closing(answer["Body"]) as body:
+                yield from body.iter_chunks(CHUNK_SIZE)
+
+    def _fetch_range(self, name: str, etag: str, span: tuple[int, int]) -> bytes:
+        """One range of the object as it was when first seen (``If-Match``), read in full.
+
+        botocore retries failed requests; a body that breaks off mid-read is retried here.
+        """
+        start, end = span
+        for attempt in range(3):
+            try:
+                answer = self._client.get_object(
+                    Bucket=self.bucket, Key=name, Range=f"bytes={start}-{end - 1}", IfMatch=etag
+                )
+                with closing(answer["Body"]) as body:
+                    data = body.read()
+                break
+            except _STREAM_ERRORS:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+        if len(data) != end - start:
+            raise IntegrityError(f"{name}: range {start}-{end} returned {len(data)} bytes")
+        return data
+
+    def _object_chunks(self, key: str) -> tuple[int, Iterator[bytes]]:
+        """The object's size and its bytes in order, fetched in parallel ranges when large."""
+        head = self._head(key)
+        if head is None:
+            raise NotFoundError(f"object {key} is missing from {self.describe()}")
+        size, etag, name = head["ContentLength"], head["ETag"], self._name(key)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                if size <= self.part_size:
+                    if size:
+                        yield self._fetch_range(name, etag, (0, size))
+                    return
+                fetch = lambda span: self._fetch_range(name, etag, span)  # noqa: E731
+                with closing(
+                    ordered_parallel(fetch, byte_ranges(size, self.part_size), self.max_concurrency)
+                ) as ranges:
+                    yield from ranges
+            except ClientError as exc:
+                if _error_code(exc)[1] == 412:
+                    raise IntegrityError(
+                        f"object {key} in {self.describe()} changed while it was being read"
+                    ) from exc
+                raise
+
+        return size, chunks()
+
+    def get_file(
+        self, key: str, target: Path, expected: Digest, *, progress: Progress = no_progress
+    ) -> Digest:
+        """Parallel ranges, written and hashed in order; the file appears only if it matches."""
+        with self._translated("read", key):
+            size, chunks = self._object_chunks(key)
+            if size != expected.size:
+                raise IntegrityError(
+                    f"size mismatch for {target.name}: expected {expected.size} bytes, "
+                    f"the store holds {size}"
+                )
+            with VerifiedSink(target, expected) as sink, closing(chunks):
+                for chunk in chunks:
+                    sink.write(chunk)
+                    progress(len(chunk))
+                return sink.commit()
+
+    def content_digest(self, key: str, *, progress: Progress = no_progress) -> Digest:
+        """S3's own full-object SHA-256 where it has one, else the bytes, hashed in order."""
+        info = self.stat(key)
+        if info is not None and info.sha256:
+            progress(info.size)
+            return Digest(info.sha256, info.size)
+        with self._translated("read", key):
+            _, chunks = self._object_chunks(key)
+            with closing(chunks):
+                return hash_stream(chunks, progress)
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        with self._translated("delete", key):
+            self._client.delete_object(Bucket=self.bucket, Key=name)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        with self._translated("list"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=root + prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(key=item["Key"][len(root) :], size=item["Size"])
