@@ -49,7 +49,11 @@ class Row:
 
 
 def timed(command: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float]:
-    """Run ``command``; return (seconds, peak RSS in MB of that one process)."""
+    """Run ``command``; return (seconds, peak RSS in MB of that one process).
+
+    Dirty pages are flushed first, so one side's writeback is not billed to the next.
+    """
+    os.sync()
     start = time.perf_counter()
     process = subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

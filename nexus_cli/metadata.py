@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from nexus_cli.errors import MetadataError, NotFoundError
+from nexus_cli.errors import MetadataError, NotFoundError, UsageError
 from nexus_cli.files import atomic_write_text, exclusive_lock
 from nexus_cli.names import (
     COMMIT_RE,
@@ -106,7 +106,7 @@ def _check_version(raw: Any, model: str, where: str) -> VersionRecord:
     if raw["signature"] is not None:
         try:
             validate_signature(raw["signature"])
-        except Exception as exc:
+        except UsageError as exc:
             raise MetadataError(f"{where}.signature: {exc}") from exc
     return VersionRecord(**raw)
 
