@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 NEXUS = [sys.executable, "-m", "nexus_cli"]
+GNU_TIME = "/usr/bin/time"  # for the peak RSS of one process
 
 
 @dataclass
@@ -52,19 +53,23 @@ def timed(command: list[str], cwd: Path, env: dict | None = None) -> tuple[float
     """Run ``command``; return (seconds, peak RSS in MB of that one process).
 
     Dirty pages are flushed first, so one side's writeback is not billed to the next.
+    The RSS comes from GNU time: ``wait4`` here would report at least this process's own
+    RSS at the fork, since Linux keeps a process's high-water mark across ``exec``.
     """
     os.sync()
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()}")
-    process.stderr.close()
-    return elapsed, usage.ru_maxrss / 1024
+    with tempfile.NamedTemporaryFile(suffix=".rss") as report:
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            [GNU_TIME, "-f", "%M", "-o", report.name, *command],
+            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        _, status, _ = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()}")
+        process.stderr.close()
+        return elapsed, int(Path(report.name).read_text().split()[-1]) / 1024
 
 
 def shell(script: str, cwd: Path) -> float:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from nexus_cli.errors import IntegrityError
 from nexus_cli.files import fsync_dir, temp_path_beside
@@ -107,6 +108,61 @@ def copy_hashed(source: BinaryIO, target: BinaryIO, progress: Progress = no_prog
         return hasher.digest()
     finally:
         hasher.close()
+
+
+# parts: cloud backends move large files as parts, in parallel, hashed in order ------
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_parallel(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """Run ``fn(item)`` for each item on ``workers`` threads and yield the results in order.
+
+    Items are pulled lazily, at most ``workers + 1`` ahead of the result being waited
+    for, which bounds memory. When the consumer stops early (an error, Ctrl-C, a
+    ``close()``), calls not yet started are cancelled and running ones are waited for, so
+    nothing is still in flight once this generator is closed.
+    """
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nexus-part")
+    window: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) > workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def hashed_parts(path: Path, part_size: int, hasher: StreamHasher) -> Iterator[tuple[int, bytes]]:
+    """``(part_number, bytes)`` of ``path`` from 1, each fed to ``hasher`` as it is read."""
+    with open(path, "rb") as handle:
+        for number, chunk in enumerate(read_chunks(handle, part_size), start=1):
+            hasher.update(chunk)
+            yield number, chunk
+
+
+def read_hashed(path: Path) -> tuple[bytes, Digest]:
+    """The whole of ``path`` (a small file) and its digest, from one read."""
+    hasher = StreamHasher()
+    chunks = []
+    try:
+        with open(path, "rb") as handle:
+            for chunk in read_chunks(handle):
+                hasher.update(chunk)
+                chunks.append(chunk)
+        return b"".join(chunks), hasher.digest()
+    finally:
+        hasher.close()
+
+
+def byte_ranges(size: int, part_size: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` pairs, end exclusive, that cover ``size`` bytes in order."""
+    for start in range(0, size, part_size):
+        yield start, min(start + part_size, size)
 
 
 class VerifiedSink:

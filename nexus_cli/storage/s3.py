@@ -15,17 +15,16 @@ Credentials come only from boto3's standard chain (environment, profiles, roles)
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import math
 import os
 import re
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -54,14 +53,14 @@ from nexus_cli.errors import (
 from nexus_cli.names import validate_storage_key
 from nexus_cli.storage.base import ObjectInfo, ObjectStore
 from nexus_cli.transfer import (
-    CHUNK_SIZE,
     Digest,
     Progress,
     StreamHasher,
-    VerifiedSink,
-    hash_stream,
+    byte_ranges,
+    hashed_parts,
     no_progress,
-    read_chunks,
+    ordered_parallel,
+    read_hashed,
 )
 
 MiB = 1024 * 1024
@@ -87,11 +86,16 @@ _CREDENTIAL_CODES = {
 }
 _REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraint"}
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403", "Forbidden"}
-_STREAM_ERRORS = (ResponseStreamingError, ReadTimeoutError, ConnectionClosedError, IncompleteReadError)
+_STREAM_ERRORS = (
+    ResponseStreamingError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+    IncompleteReadError,
+)
 # what each action needs in an IAM policy, for the "access denied" hint
 _PERMISSIONS = {
     "read": "s3:GetObject",
-    "check": "s3:GetObject",
+    "check": "s3:GetObject (and s3:ListBucket, without which a missing key is a 403)",
     "write": "s3:PutObject and s3:AbortMultipartUpload",
     "list": "s3:ListBucket",
     "delete": "s3:DeleteObject",
@@ -100,44 +104,6 @@ _CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), or AWS_PROFILE, "
     "or run with an IAM role"
 )
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def ordered_parallel(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """Run ``fn(item)`` for each item on ``workers`` threads and yield the results in order.
-
-    Items are pulled lazily, at most ``workers + 1`` ahead of the result being waited
-    for, which bounds memory. When the consumer stops early (an error, Ctrl-C, a
-    ``close()``), calls not yet started are cancelled and running ones are waited for, so
-    nothing is still in flight once this generator is closed.
-    """
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nexus-part")
-    window: deque[Future[R]] = deque()
-    try:
-        for item in items:
-            window.append(pool.submit(fn, item))
-            if len(window) > workers:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def hashed_parts(path: Path, part_size: int, hasher: StreamHasher) -> Iterator[tuple[int, bytes]]:
-    """``(part_number, bytes)`` of ``path`` from 1, each fed to ``hasher`` as it is read."""
-    with open(path, "rb") as handle:
-        for number, chunk in enumerate(read_chunks(handle, part_size), start=1):
-            hasher.update(chunk)
-            yield number, chunk
-
-
-def byte_ranges(size: int, part_size: int) -> Iterator[tuple[int, int]]:
-    """``(start, end)`` pairs, end exclusive, that cover ``size`` bytes in order."""
-    for start in range(0, size, part_size):
-        yield start, min(start + part_size, size)
 
 
 def _one_line(text: object) -> str:
@@ -161,7 +127,10 @@ def _store_sha256(head: dict[str, Any]) -> str | None:
         return None
     if _MULTIPART_ETAG.search(head.get("ETag", "")):
         return None
-    raw = base64.b64decode(value)
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except binascii.Error:
+        return None
     return raw.hex() if len(raw) == 32 else None
 
 
@@ -334,7 +303,7 @@ class S3Store(ObjectStore):
         try:
             return self._client.head_object(Bucket=self.bucket, Key=name, ChecksumMode="ENABLED")
         except ClientError as exc:
-            code, status = _error_code(exc)
+            status = _error_code(exc)[1]
             if status == 404:
                 self._check_bucket()
                 return None
@@ -381,18 +350,7 @@ class S3Store(ObjectStore):
         self, source: Path, name: str, key: str, if_absent: bool, progress: Progress
     ) -> Digest:
         """One PUT with the SHA-256 computed while the file was read; S3 checks and keeps it."""
-        hasher = StreamHasher()
-        chunks = []
-        try:
-            with open(source, "rb") as handle:
-                for chunk in read_chunks(handle):
-                    hasher.update(chunk)
-                    chunks.append(chunk)
-            digest = hasher.digest()
-        finally:
-            hasher.close()
-        body = b"".join(chunks)
-        chunks.clear()
+        body, digest = read_hashed(source)
         checksum = base64.b64encode(bytes.fromhex(digest.sha256)).decode()
         condition = {"IfNoneMatch": "*"} if if_absent else {}
         for attempt in range(4):
@@ -446,7 +404,9 @@ class S3Store(ObjectStore):
         try:
             parts = []
             with closing(
-                ordered_parallel(send, hashed_parts(source, part_size, hasher), self.max_concurrency)
+                ordered_parallel(
+                    send, hashed_parts(source, part_size, hasher), self.max_concurrency
+                )
             ) as sent:
                 for count, done in sent:
                     parts.append(done)
@@ -479,18 +439,6 @@ class S3Store(ObjectStore):
         with contextlib.suppress(ClientError, BotoCoreError):
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
 
-    def iter_bytes(self, key: str) -> Iterator[bytes]:
-        name = self._name(key)
-        with self._translated("read", key):
-            try:
-                answer = self._client.get_object(Bucket=self.bucket, Key=name)
-            except ClientError as exc:
-                if _error_code(exc)[0] == "NoSuchKey":
-                    raise NotFoundError(f"object {key} is missing from {self.describe()}") from exc
-                raise
-            with closing(answer["Body"]) as body:
-                yield from body.iter_chunks(CHUNK_SIZE)
-
     def _fetch_range(self, name: str, etag: str, span: tuple[int, int]) -> bytes:
         """One range of the object as it was when first seen (``If-Match``), read in full.
 
@@ -510,63 +458,27 @@ class S3Store(ObjectStore):
                     raise
                 time.sleep(0.2 * 2**attempt)
         if len(data) != end - start:
-            raise IntegrityError(f"{name}: range {start}-{end} returned {len(data)} bytes")
+            raise IntegrityError(f"{name}: range {start}-{end} gave {len(data)} bytes")
         return data
 
-    def _object_chunks(self, key: str) -> tuple[int, Iterator[bytes]]:
-        """The object's size and its bytes in order, fetched in parallel ranges when large."""
-        head = self._head(key)
-        if head is None:
-            raise NotFoundError(f"object {key} is missing from {self.describe()}")
-        size, etag, name = head["ContentLength"], head["ETag"], self._name(key)
-
-        def chunks() -> Iterator[bytes]:
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        """The bytes of one version (its ETag) in order; large objects in parallel ranges."""
+        with self._translated("read", key):
+            head = self._head(key)
+            if head is None:
+                raise NotFoundError(f"object {key} is missing from {self.describe()}")
+            name, etag = self._name(key), head["ETag"]
+            ranges = byte_ranges(head["ContentLength"], self.part_size)
+            fetch = lambda span: self._fetch_range(name, etag, span)  # noqa: E731
             try:
-                if size <= self.part_size:
-                    if size:
-                        yield self._fetch_range(name, etag, (0, size))
-                    return
-                fetch = lambda span: self._fetch_range(name, etag, span)  # noqa: E731
-                with closing(
-                    ordered_parallel(fetch, byte_ranges(size, self.part_size), self.max_concurrency)
-                ) as ranges:
-                    yield from ranges
+                with closing(ordered_parallel(fetch, ranges, self.max_concurrency)) as chunks:
+                    yield from chunks
             except ClientError as exc:
-                if _error_code(exc)[1] == 412:
-                    raise IntegrityError(
-                        f"object {key} in {self.describe()} changed while it was being read"
-                    ) from exc
-                raise
-
-        return size, chunks()
-
-    def get_file(
-        self, key: str, target: Path, expected: Digest, *, progress: Progress = no_progress
-    ) -> Digest:
-        """Parallel ranges, written and hashed in order; the file appears only if it matches."""
-        with self._translated("read", key):
-            size, chunks = self._object_chunks(key)
-            if size != expected.size:
+                if _error_code(exc)[1] != 412:
+                    raise
                 raise IntegrityError(
-                    f"size mismatch for {target.name}: expected {expected.size} bytes, "
-                    f"the store holds {size}"
-                )
-            with VerifiedSink(target, expected) as sink, closing(chunks):
-                for chunk in chunks:
-                    sink.write(chunk)
-                    progress(len(chunk))
-                return sink.commit()
-
-    def content_digest(self, key: str, *, progress: Progress = no_progress) -> Digest:
-        """S3's own full-object SHA-256 where it has one, else the bytes, hashed in order."""
-        info = self.stat(key)
-        if info is not None and info.sha256:
-            progress(info.size)
-            return Digest(info.sha256, info.size)
-        with self._translated("read", key):
-            _, chunks = self._object_chunks(key)
-            with closing(chunks):
-                return hash_stream(chunks, progress)
+                    f"object {key} in {self.describe()} changed while it was being read"
+                ) from exc
 
     def delete(self, key: str) -> None:
         name = self._name(key)

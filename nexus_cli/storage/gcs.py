@@ -1,0 +1,421 @@
+"""Google Cloud Storage, through google-cloud-storage.
+
+Create-only writes use ``ifGenerationMatch=0``, which GCS checks atomically: of several
+writers of one key exactly one wins and the others get a 412.
+
+Large files go up as a *parallel composite upload*: parts are read from the file once,
+in order, hashed on the way and uploaded in parallel as temporary objects under
+``.nexus-uploads/``, then one ``compose`` call (create-only on the destination) joins
+them and the temporary objects are deleted. GCS's XML multipart API would avoid the
+temporary objects, but it accepts no preconditions, so a racing writer could silently
+replace the winner; compose does accept them. Large downloads fetch ranges of one
+generation in parallel and hand them over in order.
+
+GCS keeps a CRC32C and (for non-composite objects) an MD5, never a SHA-256, so ``stat``
+reports no SHA-256 and ``verify`` re-reads the bytes.
+
+Credentials come only from the SDK's chain: ``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's
+application-default login, an attached service account; with ``STORAGE_EMULATOR_HOST``
+set the SDK talks to that emulator, anonymously.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import requests
+import urllib3
+from google.api_core import exceptions as api_errors
+from google.api_core.retry import Retry
+from google.auth import exceptions as auth_errors
+from google.cloud import storage
+from google.cloud.storage import exceptions as media_errors
+from urllib3.exceptions import NewConnectionError
+
+from nexus_cli.config import StorageConfig
+from nexus_cli.errors import (
+    IntegrityError,
+    NexusError,
+    NotFoundError,
+    ObjectExistsError,
+    StorageError,
+)
+from nexus_cli.names import validate_storage_key
+from nexus_cli.storage.base import ObjectInfo, ObjectStore
+from nexus_cli.transfer import (
+    Digest,
+    Progress,
+    StreamHasher,
+    byte_ranges,
+    hashed_parts,
+    no_progress,
+    ordered_parallel,
+    read_hashed,
+)
+
+MiB = 1024 * 1024
+#: the most the SDK sends in one request; above it, it opens a resumable session
+SINGLE_REQUEST_MAX = 8 * MiB
+#: part size for composite uploads and range size for downloads
+DEFAULT_PART_SIZE = SINGLE_REQUEST_MAX
+#: files above this go up as parallel parts; at most SINGLE_REQUEST_MAX, so that every
+#: create-only decision is one request (a single upload, or the compose)
+DEFAULT_PARALLEL_THRESHOLD = SINGLE_REQUEST_MAX
+DEFAULT_MAX_CONCURRENCY = 8
+MAX_COMPOSE_SOURCES = 32
+#: temporary part objects live here, under the store prefix; ``list`` never shows them
+TEMP_ROOT = ".nexus-uploads"
+
+_PERMISSIONS = {
+    "read": "storage.objects.get",
+    "check": "storage.objects.get",
+    "write": "storage.objects.create and storage.objects.delete",
+    "list": "storage.objects.list",
+    "delete": "storage.objects.delete",
+}
+_CREDENTIALS_HINT = (
+    "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, run "
+    "`gcloud auth application-default login`, or run with an attached service account"
+)
+_SERVER_TROUBLE = (
+    api_errors.TooManyRequests,
+    api_errors.InternalServerError,
+    api_errors.BadGateway,
+    api_errors.ServiceUnavailable,
+    api_errors.GatewayTimeout,
+)
+_RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+_NETWORK_BLIPS = (
+    ConnectionError,  # resets and aborts
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    http.client.IncompleteRead,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.TimeoutError,
+    auth_errors.TransportError,
+)
+_TRANSLATED = (
+    api_errors.GoogleAPICallError,
+    api_errors.RetryError,
+    auth_errors.GoogleAuthError,
+    requests.RequestException,
+    media_errors.InvalidResponse,
+    media_errors.DataCorruption,
+)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _refused(exc: requests.ConnectionError) -> bool:
+    """Nothing listens there or the name does not resolve: a setup error, not a blip."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, NewConnectionError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth another try with backoff: throttling, server trouble, a dropped connection.
+
+    Like the SDK's own predicate, except that a refused connection or an unknown host
+    fails at once: that is a wrong endpoint, and waiting will not fix it.
+    """
+    if isinstance(exc, api_errors.GoogleAPICallError):
+        return exc.code in _RETRYABLE_STATUS
+    if isinstance(exc, media_errors.InvalidResponse):
+        return exc.response.status_code in _RETRYABLE_STATUS
+    if isinstance(exc, requests.ConnectionError) and _refused(exc):
+        return False
+    return isinstance(exc, _NETWORK_BLIPS)
+
+
+#: exponential backoff from 0.5 s to 8 s, at most 60 s in all, for transient errors only
+RETRY = Retry(predicate=is_transient, initial=0.5, maximum=8.0, multiplier=2.0, timeout=60.0)
+
+
+def make_client(endpoint_url: str | None) -> storage.Client:
+    """A client on the SDK's credential chain; ``STORAGE_EMULATOR_HOST`` wins when set."""
+    options = {"api_endpoint": endpoint_url} if endpoint_url else None
+    # a project is needed only to create or list buckets, which nexus never does
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or None
+    return storage.Client(project=project, client_options=options)
+
+
+class GCSStore(ObjectStore):
+    """Objects in a GCS bucket under an optional name prefix."""
+
+    provider = "gcs"
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        client: storage.Client | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        parallel_threshold: int = DEFAULT_PARALLEL_THRESHOLD,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    ) -> None:
+        if parallel_threshold > SINGLE_REQUEST_MAX:
+            raise ValueError(f"parallel_threshold must be at most {SINGLE_REQUEST_MAX} bytes")
+        self.bucket_name = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url or None
+        self.part_size = max(part_size, 256 * 1024)
+        self.parallel_threshold = parallel_threshold
+        self.max_concurrency = max(max_concurrency, 1)
+        self._bucket_checked = False
+        if client is None:
+            with self._translated("connect to"):
+                client = make_client(self.endpoint_url)
+        self._client = client
+        self._bucket = client.bucket(bucket)
+
+    @classmethod
+    def from_config(cls, config: StorageConfig, base_dir: Path) -> GCSStore:
+        return cls(config.bucket, prefix=config.prefix, endpoint_url=config.endpoint_url or None)
+
+    def describe(self) -> str:
+        return f"gs://{self.bucket_name}/{self.prefix}".rstrip("/")
+
+    # keys and errors ----------------------------------------------------------------
+
+    def _name(self, key: str) -> str:
+        validate_storage_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _uri(self, key: str | None) -> str:
+        parts = [p for p in (self.prefix, key) if p]
+        return f"gs://{self.bucket_name}/{'/'.join(parts)}".rstrip("/")
+
+    def _endpoint(self) -> str:
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        if emulator:
+            return f"the GCS emulator at {emulator} (STORAGE_EMULATOR_HOST)"
+        return f"the GCS endpoint {self.endpoint_url or 'https://storage.googleapis.com'}"
+
+    def _missing_bucket(self) -> StorageError:
+        return StorageError(
+            f"bucket {self.bucket_name!r} does not exist at {self._endpoint()}",
+            hint="create it, or fix storage.bucket / NEXUS_BUCKET",
+        )
+
+    def _error(self, exc: BaseException, action: str, key: str | None) -> NexusError:
+        """One line that names the bucket or endpoint and what to check."""
+        if isinstance(exc, api_errors.RetryError) and exc.cause is not None:
+            exc = exc.cause
+        where = self._uri(key)
+        if isinstance(exc, auth_errors.DefaultCredentialsError):
+            return StorageError(
+                f"no Google Cloud credentials found to {action} {where}", hint=_CREDENTIALS_HINT
+            )
+        if isinstance(exc, auth_errors.RefreshError | api_errors.Unauthorized):
+            return StorageError(
+                f"Google rejected the credentials used to {action} {where}: {_one_line(exc)}",
+                hint="check GOOGLE_APPLICATION_CREDENTIALS or renew the gcloud login",
+            )
+        if isinstance(exc, requests.RequestException | auth_errors.TransportError):
+            return StorageError(
+                f"cannot reach {self._endpoint()} to {action} {where}",
+                hint="check the network and proxy, storage.endpoint_url, or the emulator",
+            )
+        if isinstance(exc, media_errors.DataCorruption):
+            return IntegrityError(f"GCS checksum mismatch for {where}: {_one_line(exc)}")
+        if isinstance(exc, api_errors.NotFound):
+            if action == "read" and key:
+                return NotFoundError(f"object {key} is missing from {self.describe()}")
+            return self._missing_bucket()
+        if isinstance(exc, api_errors.Forbidden):
+            return StorageError(
+                f"access denied: cannot {action} {where}",
+                hint=f"the account needs {_PERMISSIONS.get(action, action)} on the bucket "
+                "(roles/storage.objectAdmin has them)",
+            )
+        if isinstance(exc, _SERVER_TROUBLE):
+            return StorageError(
+                f"{self._endpoint()} kept failing to {action} {where} after retries",
+                hint="the service is throttling or unavailable: try again later",
+            )
+        return StorageError(f"GCS failed to {action} {where}: {_one_line(exc)}")
+
+    @contextlib.contextmanager
+    def _translated(self, action: str, key: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except _TRANSLATED as exc:
+            raise self._error(exc, action, key) from exc
+
+    def _check_bucket(self) -> None:
+        """Tell a missing bucket from a missing object after an ambiguous 404."""
+        if self._bucket_checked:
+            return
+        try:
+            exists = self._bucket.exists(retry=RETRY)
+        except api_errors.Forbidden:  # may read objects but not the bucket: that's fine
+            exists = True
+        if not exists:
+            raise self._missing_bucket()
+        self._bucket_checked = True
+
+    def _get_blob(self, key: str) -> storage.Blob | None:
+        blob = self._bucket.get_blob(self._name(key), retry=RETRY)
+        if blob is None:
+            self._check_bucket()
+        return blob
+
+    # the interface --------------------------------------------------------------------
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        with self._translated("check", key):
+            blob = self._get_blob(key)
+        return None if blob is None else ObjectInfo(key=key, size=blob.size or 0)
+
+    def put_file(
+        self, source: Path, key: str, *, if_absent: bool = True, progress: Progress = no_progress
+    ) -> Digest:
+        name = self._name(key)
+        try:
+            size = source.stat().st_size
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"no such file: {source}") from exc
+        condition = 0 if if_absent else None
+        with self._translated("write", key):
+            if size <= self.parallel_threshold:
+                return self._put_single(source, name, key, condition, progress)
+            return self._put_composite(source, name, key, condition, progress)
+
+    def _exists_error(self, key: str, digest: Digest) -> ObjectExistsError:
+        return ObjectExistsError(f"{key} already exists in {self.describe()}", digest=digest)
+
+    def _put_single(
+        self, source: Path, name: str, key: str, condition: int | None, progress: Progress
+    ) -> Digest:
+        """One request with the bytes read (and hashed) once; create-only with generation 0."""
+        body, digest = read_hashed(source)
+        try:
+            self._bucket.blob(name).upload_from_string(
+                body, if_generation_match=condition, retry=RETRY
+            )
+        except api_errors.PreconditionFailed as exc:
+            raise self._exists_error(key, digest) from exc
+        progress(digest.size)
+        return digest
+
+    def _put_composite(
+        self, source: Path, name: str, key: str, condition: int | None, progress: Progress
+    ) -> Digest:
+        """Parts as temporary objects in parallel, joined by one create-only compose."""
+        temp_prefix = self._name(f"{TEMP_ROOT}/{secrets.token_hex(8)}") + "/"
+
+        def send(part: tuple[int, bytes]) -> tuple[int, str]:
+            number, chunk = part
+            part_name = f"{temp_prefix}{number:05d}"
+            # generation 0: the name is fresh, and a retried request cannot write twice
+            self._bucket.blob(part_name).upload_from_string(
+                chunk, if_generation_match=0, retry=RETRY
+            )
+            return len(chunk), part_name
+
+        hasher = StreamHasher()
+        try:
+            names = []
+            parts = hashed_parts(source, self.part_size, hasher)
+            with closing(ordered_parallel(send, parts, self.max_concurrency)) as sent:
+                for count, part_name in sent:
+                    names.append(part_name)
+                    progress(count)
+            digest = hasher.digest()
+            try:
+                self._compose(names, name, condition, temp_prefix)
+            except api_errors.PreconditionFailed as exc:
+                raise self._exists_error(key, digest) from exc
+            return digest
+        finally:
+            hasher.close()
+            self._delete_temporaries(temp_prefix)
+
+    def _compose(self, names: list[str], name: str, condition: int | None, temp: str) -> None:
+        """Join ``names`` into ``name``, through intermediate objects past 32 sources."""
+        level = 0
+        while len(names) > MAX_COMPOSE_SOURCES:
+            groups = [
+                names[i : i + MAX_COMPOSE_SOURCES]
+                for i in range(0, len(names), MAX_COMPOSE_SOURCES)
+            ]
+            names = [
+                self._compose_one(group, f"{temp}c{level}-{index:05d}", 0)
+                for index, group in enumerate(groups)
+            ]
+            level += 1
+        self._compose_one(names, name, condition)
+
+    def _compose_one(self, sources: list[str], name: str, condition: int | None) -> str:
+        self._bucket.blob(name).compose(
+            [self._bucket.blob(source) for source in sources],
+            if_generation_match=condition,
+            retry=RETRY,
+        )
+        return name
+
+    def _delete_temporaries(self, temp_prefix: str) -> None:
+        """Best effort: what is left behind is for a lifecycle rule on ``.nexus-uploads/``."""
+
+        def remove(blob: storage.Blob) -> None:
+            with contextlib.suppress(api_errors.NotFound):
+                blob.delete(retry=RETRY)
+
+        with contextlib.suppress(*_TRANSLATED):
+            blobs = self._client.list_blobs(self._bucket, prefix=temp_prefix, retry=RETRY)
+            for _ in ordered_parallel(remove, blobs, self.max_concurrency):
+                pass
+
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        """The bytes of one generation in order; large objects come in parallel ranges."""
+        with self._translated("read", key):
+            blob = self._get_blob(key)
+            if blob is None:
+                raise NotFoundError(f"object {key} is missing from {self.describe()}")
+            size = blob.size or 0
+            pinned = self._bucket.blob(blob.name, generation=blob.generation)
+
+            def fetch(span: tuple[int, int]) -> bytes:
+                start, end = span
+                try:
+                    data = pinned.download_as_bytes(
+                        start=start, end=end - 1, checksum=None, retry=RETRY
+                    )
+                except api_errors.NotFound as exc:
+                    raise IntegrityError(
+                        f"object {key} in {self.describe()} changed while it was being read"
+                    ) from exc
+                if len(data) != end - start:
+                    raise IntegrityError(f"{key}: range {start}-{end} gave {len(data)} bytes")
+                return data
+
+            with closing(
+                ordered_parallel(fetch, byte_ranges(size, self.part_size), self.max_concurrency)
+            ) as ranges:
+                yield from ranges
+
+    def delete(self, key: str) -> None:
+        with self._translated("delete", key):
+            try:
+                self._bucket.blob(self._name(key)).delete(retry=RETRY)
+            except api_errors.NotFound:
+                self._check_bucket()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        with self._translated("list"):
+            for blob in self._client.list_blobs(self._bucket, prefix=root + prefix, retry=RETRY):
+                key = blob.name[len(root) :]
+                if not key.startswith(f"{TEMP_ROOT}/"):
+                    yield ObjectInfo(key=key, size=blob.size or 0)

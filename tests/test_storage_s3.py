@@ -1,0 +1,296 @@
+"""The S3 backend against moto's server on 127.0.0.1: the storage contract, then S3's own cases."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError
+
+from nexus_cli.config import StorageConfig
+from nexus_cli.errors import IntegrityError, ObjectExistsError, StorageError
+from nexus_cli.storage import open_store
+from nexus_cli.storage.s3 import S3Store, _store_sha256
+from nexus_cli.transfer import Digest, byte_ranges
+from tests.storage_contract import StorageContract, digest_of, write
+
+pytest_plugins = ["tests.cloud_servers"]
+
+MiB = 1024 * 1024
+SHA_HEX = hashlib.sha256(b"abc").hexdigest()
+SHA_B64 = base64.b64encode(bytes.fromhex(SHA_HEX)).decode()
+
+
+def small_parts_store(bucket: str, endpoint: str, **kwargs: Any) -> S3Store:
+    """A store whose multipart path starts at 6 MiB (5 MiB parts, S3's minimum)."""
+    options = {"part_size": 5 * MiB, "multipart_threshold": 6 * MiB, "max_concurrency": 4}
+    return S3Store(bucket, endpoint_url=endpoint, **{**options, **kwargs})
+
+
+class TestS3Contract(StorageContract):
+    @pytest.fixture
+    def store(self, s3_bucket: str, moto_endpoint: str) -> S3Store:
+        return small_parts_store(s3_bucket, moto_endpoint)
+
+
+def payload(tmp_path: Path, name: str, size: int) -> tuple[Path, bytes]:
+    data = os.urandom(size)
+    return write(tmp_path, name, data), data
+
+
+def count_requests(store: S3Store, operation: str) -> list[dict]:
+    """Record the headers of every ``operation`` request the store's client sends."""
+    seen: list[dict] = []
+    store._client.meta.events.register(
+        f"before-send.s3.{operation}", lambda request, **_: seen.append(dict(request.headers))
+    )
+    return seen
+
+
+@pytest.fixture
+def store(s3_bucket: str, moto_endpoint: str) -> S3Store:
+    return small_parts_store(s3_bucket, moto_endpoint)
+
+
+# checksums the store computed -----------------------------------------------------------
+
+
+def test_a_single_put_leaves_a_sha256_that_verify_can_trust(store: S3Store, tmp_path) -> None:
+    source, data = payload(tmp_path, "small.pt", 100_000)
+    digest = store.put_file(source, "m/small.pt")
+    assert store.stat("m/small.pt").sha256 == digest.sha256 == digest_of(data).sha256
+    reads = count_requests(store, "GetObject")
+    assert store.content_digest("m/small.pt") == digest
+    assert reads == []  # no download
+
+
+def test_a_multipart_object_is_verified_by_its_bytes(store: S3Store, tmp_path) -> None:
+    source, data = payload(tmp_path, "big.pt", 11 * MiB)
+    digest = store.put_file(source, "m/big.pt")
+    assert store.stat("m/big.pt").sha256 is None
+    reads = count_requests(store, "GetObject")
+    assert store.content_digest("m/big.pt") == digest == digest_of(data)
+    assert len(reads) == 3  # three 5 MiB ranges
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        ({"ChecksumSHA256": SHA_B64, "ETag": '"abc"'}, SHA_HEX),
+        ({"ChecksumSHA256": SHA_B64, "ETag": '"abc"', "ChecksumType": "FULL_OBJECT"}, SHA_HEX),
+        ({"ChecksumSHA256": SHA_B64 + "-3", "ETag": '"abc-3"'}, None),
+        ({"ChecksumSHA256": SHA_B64, "ETag": '"abc"', "ChecksumType": "COMPOSITE"}, None),
+        ({"ChecksumSHA256": SHA_B64, "ETag": '"abc-2"'}, None),  # moto drops the "-N" suffix
+        ({"ChecksumCRC32": "AAAAAA==", "ETag": '"abc"'}, None),
+    ],
+)
+def test_only_a_full_object_sha256_counts(head: dict, expected: str | None) -> None:
+    assert _store_sha256(head) == expected
+
+
+# multipart uploads ----------------------------------------------------------------------
+
+
+def test_parts_go_up_in_parallel_and_the_file_is_read_once(
+    store: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, data = payload(tmp_path, "big.pt", 16 * MiB + 7)
+    opened = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):
+        if Path(path) == source:
+            opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    parts = count_requests(store, "UploadPart")
+    progressed: list[int] = []
+    digest = store.put_file(source, "m/big.pt", progress=progressed.append)
+    assert digest == digest_of(data)
+    assert len(opened) == 1  # read once: hashed on the way to the parts
+    assert len(parts) == 4
+    assert sum(progressed) == len(data)
+    assert all(headers.get("x-amz-checksum-crc32") for headers in parts)
+
+
+def _fail_part(store: S3Store, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    real = store._client.upload_part
+
+    def flaky(**kwargs):
+        if kwargs["PartNumber"] == 2:
+            raise error
+        return real(**kwargs)
+
+    monkeypatch.setattr(store._client, "upload_part", flaky)
+
+
+SERVER_ERROR = {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ClientError(SERVER_ERROR, "UploadPart"), KeyboardInterrupt()],
+    ids=["server-error", "ctrl-c"],
+)
+def test_a_failed_or_interrupted_multipart_upload_is_aborted(
+    store: S3Store, s3_client, s3_bucket: str, tmp_path, monkeypatch, error: BaseException
+) -> None:
+    _fail_part(store, monkeypatch, error)
+    source, _ = payload(tmp_path, "big.pt", 16 * MiB)
+    with pytest.raises((StorageError, KeyboardInterrupt)):
+        store.put_file(source, "m/big.pt")
+    assert store.stat("m/big.pt") is None
+    assert not s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+
+
+def test_racing_multipart_writers_have_one_winner(
+    s3_bucket: str, moto_endpoint: str, s3_client, tmp_path: Path
+) -> None:
+    """The loser's 412 comes at completion, after all its parts went up; it is aborted."""
+    sources = [payload(tmp_path, f"w{i}", 11 * MiB) for i in range(3)]
+    outcomes: list[object] = [None] * 3
+    barrier = threading.Barrier(3)
+
+    def put(index: int) -> None:
+        store = small_parts_store(s3_bucket, moto_endpoint)
+        barrier.wait()
+        try:
+            outcomes[index] = store.put_file(sources[index][0], "race/big.pt")
+        except ObjectExistsError as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    winners = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, Digest)]
+    assert len(winners) == 1
+    for index, outcome in enumerate(outcomes):
+        if index not in winners:
+            assert isinstance(outcome, ObjectExistsError)
+            assert outcome.digest == digest_of(sources[index][1])
+    stored = small_parts_store(s3_bucket, moto_endpoint).content_digest("race/big.pt")
+    assert stored == digest_of(sources[winners[0]][1])
+    assert not s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+
+
+# parallel downloads ---------------------------------------------------------------------
+
+
+def test_large_downloads_come_in_parallel_ranges_of_one_version(
+    store: S3Store, tmp_path: Path
+) -> None:
+    source, data = payload(tmp_path, "big.pt", 16 * MiB + 3)
+    digest = store.put_file(source, "m/big.pt")
+    reads = count_requests(store, "GetObject")
+    target = tmp_path / "out" / "big.pt"
+    store.get_file("m/big.pt", target, digest)
+    assert target.read_bytes() == data
+    assert sorted(h["Range"] for h in reads) == sorted(
+        f"bytes={s}-{e - 1}".encode() for s, e in byte_ranges(len(data), 5 * MiB)
+    )
+    assert len({h["If-Match"] for h in reads}) == 1
+
+
+def test_an_object_replaced_mid_download_is_an_integrity_error(
+    store: S3Store, s3_client, s3_bucket: str, tmp_path: Path, monkeypatch
+) -> None:
+    source, data = payload(tmp_path, "big.pt", 16 * MiB)
+    digest = store.put_file(source, "m/big.pt")
+    real = store._fetch_range
+
+    def replace_after_first(name: str, etag: str, span: tuple[int, int]) -> bytes:
+        if span[0] == 0:
+            s3_client.put_object(Bucket=s3_bucket, Key=name, Body=b"new" * 1000)
+        return real(name, etag, span)
+
+    monkeypatch.setattr(store, "_fetch_range", replace_after_first)
+    downloads = tmp_path / "downloads"
+    with pytest.raises(IntegrityError, match="changed while it was being read"):
+        store.get_file("m/big.pt", downloads / "big.pt", digest)
+    assert list(downloads.iterdir()) == []
+
+
+# configuration, prefixes, retries, errors ----------------------------------------------
+
+
+def test_from_config_and_prefix(s3_bucket: str, moto_endpoint: str, s3_client, tmp_path) -> None:
+    config = StorageConfig(provider="minio", bucket=s3_bucket, prefix="team/models",
+                           endpoint_url=moto_endpoint, region="eu-west-1")  # fmt: skip
+    store = open_store(config, tmp_path)
+    assert isinstance(store, S3Store)
+    assert store.provider == "minio"
+    assert store._client.meta.config.s3["addressing_style"] == "path"
+    assert store._client.meta.region_name == "eu-west-1"
+    assert store.describe() == f"s3://{s3_bucket}/team/models at {moto_endpoint}"
+    store.put_file(write(tmp_path, "a", b"abc"), "m/k.pt")
+    raw = s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+    assert [o["Key"] for o in raw] == ["team/models/m/k.pt"]
+    assert [o.key for o in store.list("m/")] == ["m/k.pt"]
+
+
+def test_aws_without_an_endpoint_uses_virtual_hosted_addressing(aws_env) -> None:
+    store = S3Store("my-bucket", region="us-west-2")
+    assert store._client.meta.config.s3 in (None, {})
+    assert store.describe() == "s3://my-bucket"
+
+
+def _answer_once(store: S3Store, operation: str, status: int, code: str) -> list[int]:
+    """Make the first ``operation`` request fail with ``status``; return the attempt count."""
+    attempts: list[int] = []
+
+    def fail_first(request, **_):
+        attempts.append(1)
+        if len(attempts) == 1:
+            body = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+            return AWSResponse(request.url, status, {}, _RawBody(body))
+        return None
+
+    store._client.meta.events.register(f"before-send.s3.{operation}", fail_first)
+    return attempts
+
+
+class _RawBody:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_):
+        yield self._data
+
+
+def test_throttling_is_retried_with_backoff(store: S3Store, tmp_path: Path) -> None:
+    attempts = _answer_once(store, "PutObject", 503, "SlowDown")
+    store.put_file(write(tmp_path, "a", b"x" * 1000), "m/k.pt")
+    assert len(attempts) == 2
+
+
+def test_a_denied_request_is_not_retried(store: S3Store, tmp_path: Path) -> None:
+    attempts = _answer_once(store, "PutObject", 403, "AccessDenied")
+    with pytest.raises(StorageError, match="access denied") as caught:
+        store.put_file(write(tmp_path, "a", b"x"), "m/k.pt")
+    assert len(attempts) == 1
+    assert "s3:PutObject" in str(caught.value)
+
+
+def test_a_missing_bucket_is_a_storage_error_everywhere(
+    moto_endpoint: str, aws_env, tmp_path: Path
+) -> None:
+    store = S3Store("no-such-bucket", endpoint_url=moto_endpoint)
+    source = write(tmp_path, "a", b"x")
+    for action in (
+        lambda: store.stat("m/k.pt"),
+        lambda: store.put_file(source, "m/k.pt"),
+        lambda: list(store.iter_bytes("m/k.pt")),
+        lambda: list(store.list()),
+        lambda: store.delete("m/k.pt"),
+    ):
+        with pytest.raises(StorageError, match="'no-such-bucket' does not exist"):
+            action()
