@@ -26,6 +26,7 @@ from nexus_cli.errors import NexusError, UsageError
 from nexus_cli.gitrepo import GitRepo
 from nexus_cli.names import validate_model_name
 from nexus_cli.signature import parse_signature_json, signature_from_input_shape
+from nexus_cli.transfer import release_freed_buffers_early
 
 app = typer.Typer(
     name="nexus",
@@ -383,6 +384,7 @@ def verify(
 
 def main() -> None:
     """Console-script entry point: like ``app()``, but usage errors also speak JSON."""
+    release_freed_buffers_early()
     try:
         code = app(standalone_mode=False)
     except typer.Exit as exc:

@@ -9,6 +9,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from nexus_cli.errors import ConfigError
 
@@ -117,10 +118,16 @@ def resolve_config(
         raise ConfigError(
             "provider 'minio' needs an endpoint: set storage.endpoint_url or NEXUS_ENDPOINT_URL"
         )
-    if config.endpoint_url and not re.match(r"https?://", config.endpoint_url):
-        raise ConfigError(
-            f"endpoint_url {config.endpoint_url!r} must start with http:// or https://"
-        )
+    if config.endpoint_url:
+        endpoint = urlsplit(config.endpoint_url)
+        if endpoint.scheme not in ("http", "https") or not endpoint.hostname:
+            raise ConfigError(
+                f"endpoint_url {config.endpoint_url!r} must be an http:// or https:// URL"
+            )
+        if endpoint.username or endpoint.password:
+            raise ConfigError(
+                "endpoint_url must not hold credentials; they come from the provider's chain"
+            )
     if any(part == ".." for part in config.prefix.split("/")):
         raise ConfigError(f"prefix {config.prefix!r} must not contain '..'")
     return config

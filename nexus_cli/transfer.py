@@ -7,8 +7,11 @@ cores busy without any copy of the data.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +24,20 @@ from nexus_cli.files import fsync_dir, temp_path_beside
 
 CHUNK_SIZE = 8 * 1024 * 1024
 Progress = Callable[[int], None]
+
+
+def release_freed_buffers_early() -> None:
+    """Have glibc return freed multi-MiB transfer buffers to the OS at once.
+
+    Parallel part transfers free 8-16 MiB buffers on several threads; glibc's adaptive
+    mmap threshold would keep them in per-thread heaps, lifting the peak RSS of a 1 GiB
+    transfer past 300 MB. A fixed 1 MiB threshold maps large buffers and unmaps them on
+    free. A no-op where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
 
 
 def no_progress(_: int) -> None:

@@ -128,6 +128,15 @@ def test_multipart_round_trip_through_the_cli(repo: Repo, cli, s3_env: dict, s3_
 # one winner per key ---------------------------------------------------------------------
 
 
+def finish(processes: list, timeout: float) -> list[tuple[int, str, str]]:
+    """``(exit code, stdout, stderr)`` of each process, read without risk of a full pipe."""
+    outcomes = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        outcomes.append((process.returncode, out, err))
+    return outcomes
+
+
 @pytest.mark.slow
 def test_eight_writers_of_different_bytes_have_one_winner(
     repo: Repo, s3_env: dict, s3_client
@@ -137,7 +146,7 @@ def test_eight_writers_of_different_bytes_have_one_winner(
     payloads = [os.urandom(size) for size in sizes]
     files = [repo.write_weights(f"w{i}.pt", data) for i, data in enumerate(payloads)]
     writers = [spawn_nexus("store", f, "racer", "--json", cwd=repo.path) for f in files]
-    outcomes = [(w.wait(timeout=240), *w.communicate()) for w in writers]
+    outcomes = finish(writers, timeout=240)
 
     codes = [code for code, _, _ in outcomes]
     assert sorted(codes) == [0] + [5] * 7, [err for _, _, err in outcomes]
@@ -161,7 +170,7 @@ def test_two_writers_of_the_same_bytes_both_succeed_with_one_upload(
 ) -> None:
     weights = repo.write_weights("same.pt", os.urandom(2 * MiB))
     writers = [spawn_nexus("store", weights, "twin", "--json", cwd=repo.path) for _ in range(2)]
-    outcomes = [(w.wait(timeout=120), *w.communicate()) for w in writers]
+    outcomes = finish(writers, timeout=120)
     assert [code for code, _, _ in outcomes] == [0, 0], [err for _, _, err in outcomes]
     uploaded = sorted(json.loads(out)["uploaded"] for _, out, _ in outcomes)
     assert uploaded == [False, True]

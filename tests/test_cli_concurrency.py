@@ -25,7 +25,8 @@ def start_store(repo: Repo, weights: Path) -> subprocess.Popen:
 
 
 def finish(processes: list[subprocess.Popen]) -> list[tuple[int, str]]:
-    return [(p.wait(timeout=120), p.communicate()[0]) for p in processes]
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    return [(p.returncode, out) for p, out in zip(processes, outputs, strict=True)]
 
 
 def test_two_writers_of_different_bytes_one_wins(repo: Repo) -> None:

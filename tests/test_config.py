@@ -81,3 +81,13 @@ def test_invalid_settings_are_refused(values: dict, message: str) -> None:
 def test_render_round_trips() -> None:
     config = StorageConfig(provider="s3", bucket='odd "name"', prefix="p", region="us-east-1")
     assert resolve_config(parse_config(render_config(config)), environ={}) == config
+
+
+def test_endpoint_with_credentials_is_refused() -> None:
+    values = {
+        "provider": "minio",
+        "bucket": "b",
+        "endpoint_url": "http://key:secret@127.0.0.1:9000",
+    }
+    with pytest.raises(ConfigError, match="must not hold credentials"):
+        resolve_config(values, environ={})

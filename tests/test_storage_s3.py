@@ -135,16 +135,19 @@ SERVER_ERROR = {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPSt
 
 
 @pytest.mark.parametrize(
-    "error",
-    [ClientError(SERVER_ERROR, "UploadPart"), KeyboardInterrupt()],
+    ("error", "expected"),
+    [
+        (ClientError(SERVER_ERROR, "UploadPart"), StorageError),
+        (KeyboardInterrupt(), KeyboardInterrupt),
+    ],
     ids=["server-error", "ctrl-c"],
 )
 def test_a_failed_or_interrupted_multipart_upload_is_aborted(
-    store: S3Store, s3_client, s3_bucket: str, tmp_path, monkeypatch, error: BaseException
+    store: S3Store, s3_client, s3_bucket: str, tmp_path, monkeypatch, error, expected
 ) -> None:
     _fail_part(store, monkeypatch, error)
     source, _ = payload(tmp_path, "big.pt", 16 * MiB)
-    with pytest.raises((StorageError, KeyboardInterrupt)):
+    with pytest.raises(expected):
         store.put_file(source, "m/big.pt")
     assert store.stat("m/big.pt") is None
     assert not s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
@@ -294,3 +297,28 @@ def test_a_missing_bucket_is_a_storage_error_everywhere(
     ):
         with pytest.raises(StorageError, match="'no-such-bucket' does not exist"):
             action()
+
+
+def test_a_409_at_completion_is_a_conflict_only_for_a_create_only_write(
+    store: S3Store, s3_client, s3_bucket: str, tmp_path: Path
+) -> None:
+    """409 (a concurrent completion) means "someone else won" only when we asked for
+    create-only; a forced write that meets one reports a storage error, not exit 5."""
+    first, _ = payload(tmp_path, "first.pt", 7 * MiB)
+    store.put_file(first, "m/k.pt")
+    second, _ = payload(tmp_path, "second.pt", 7 * MiB)
+    _answer_once(store, "CompleteMultipartUpload", 409, "ConditionalRequestConflict")
+    with pytest.raises(ObjectExistsError):
+        store.put_file(second, "m/k.pt")
+    _answer_once(store, "CompleteMultipartUpload", 409, "ConditionalRequestConflict")
+    with pytest.raises(StorageError) as caught:
+        store.put_file(second, "m/k.pt", if_absent=False)
+    assert not isinstance(caught.value, ObjectExistsError)
+    assert not s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+
+
+def test_an_upload_dropped_by_the_store_says_so(store: S3Store, tmp_path: Path) -> None:
+    source, _ = payload(tmp_path, "big.pt", 7 * MiB)
+    _answer_once(store, "CompleteMultipartUpload", 404, "NoSuchUpload")
+    with pytest.raises(StorageError, match="dropped the multipart upload"):
+        store.put_file(source, "m/k.pt")

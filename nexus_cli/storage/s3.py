@@ -81,10 +81,8 @@ _CREDENTIAL_CODES = {
     "InvalidToken",
     "ExpiredToken",
     "TokenRefreshRequired",
-    "InvalidClientTokenId",
-    "UnrecognizedClientException",
 }
-_REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraint"}
+_REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed"}
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403", "Forbidden"}
 _STREAM_ERRORS = (
     ResponseStreamingError,
@@ -245,6 +243,11 @@ class S3Store(ObjectStore):
         message = _one_line(exc.response.get("Error", {}).get("Message", ""))
         if code == "NoSuchBucket":
             return self._missing_bucket()
+        if code == "NoSuchUpload":
+            return StorageError(
+                f"the store dropped the multipart upload to {where} before it completed",
+                hint="a lifecycle rule may abort slow uploads: run the command again",
+            )
         if code == "NoSuchKey" or (status == 404 and key):
             return NotFoundError(f"object {key} is missing from {self.describe()}")
         if code in _CREDENTIAL_CODES:
@@ -314,7 +317,8 @@ class S3Store(ObjectStore):
     def _explain_forbidden(self, name: str, key: str, exc: ClientError) -> None:
         """A HEAD 403 has no body; a one-byte GET tells bad credentials from a denial."""
         try:
-            self._client.get_object(Bucket=self.bucket, Key=name, Range="bytes=0-0")
+            answer = self._client.get_object(Bucket=self.bucket, Key=name, Range="bytes=0-0")
+            answer["Body"].close()
         except ClientError as probe:
             if _error_code(probe)[1] in (401, 403):
                 raise self._error(probe, "check", key) from exc
@@ -424,7 +428,7 @@ class S3Store(ObjectStore):
             except ClientError as exc:
                 status = _error_code(exc)[1]
                 # 409: another completion raced ours; whoever holds the key now has won
-                if status == 412 or (status == 409 and self._head(key) is not None):
+                if status == 412 or (status == 409 and if_absent and self._head(key)):
                     raise self._exists_error(key, digest) from exc
                 raise
             return digest
@@ -446,10 +450,10 @@ class S3Store(ObjectStore):
         """
         start, end = span
         for attempt in range(3):
+            answer = self._client.get_object(
+                Bucket=self.bucket, Key=name, Range=f"bytes={start}-{end - 1}", IfMatch=etag
+            )
             try:
-                answer = self._client.get_object(
-                    Bucket=self.bucket, Key=name, Range=f"bytes={start}-{end - 1}", IfMatch=etag
-                )
                 with closing(answer["Body"]) as body:
                     data = body.read()
                 break
