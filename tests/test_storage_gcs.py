@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import requests
 from google.api_core import exceptions as api_errors
+from google.cloud import storage
 
 from nexus_cli.config import StorageConfig
 from nexus_cli.errors import IntegrityError, ObjectExistsError, StorageError
@@ -72,27 +74,44 @@ class Sent:
 
 
 class Wire:
-    """Every HTTP request a store's client sends, with a way to answer some of them instead."""
+    """Every HTTP request a store's client sends, with ways to answer some of them instead,
+    or to lose the reply to one that the server did carry out."""
 
     def __init__(self, store: GCSStore, monkeypatch: pytest.MonkeyPatch) -> None:
         self.sent: list[Sent] = []
         self._answers: list[tuple[Callable[[Sent], bool], int]] = []
+        self._lost: list[Callable[[Sent], bool]] = []
+        self._lock = threading.Lock()  # parts go up on several threads
         session = store._client._http
         real = session.request
 
         def request(method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
             sent = Sent(method, url, dict(kwargs.get("headers") or {}))
-            self.sent.append(sent)
-            for index, (matches, status) in enumerate(self._answers):
-                if matches(sent):
-                    del self._answers[index]
-                    return fake_response(status, method, url)
-            return real(method, url, *args, **kwargs)
+            with self._lock:
+                self.sent.append(sent)
+                answer = next((a for a in self._answers if a[0](sent)), None)
+                if answer is not None:
+                    self._answers.remove(answer)
+            if answer is not None:
+                return fake_response(answer[1], method, url)
+            response = real(method, url, *args, **kwargs)
+            with self._lock:
+                lost = next((m for m in self._lost if m(sent)), None)
+                if lost is not None:
+                    self._lost.remove(lost)
+            if lost is not None:
+                raise requests.ConnectionError("injected: the reply was lost")
+            return response
 
         monkeypatch.setattr(session, "request", request)
 
     def answer_once(self, matches: Callable[[Sent], bool], status: int) -> None:
         self._answers.append((matches, status))
+
+    def lose_reply_once(self, matches: Callable[[Sent], bool]) -> None:
+        """Carry out the first matching request, then raise as if the connection dropped
+        before its reply arrived; the SDK retries it."""
+        self._lost.append(matches)
 
     def uploads(self) -> list[Sent]:
         return [s for s in self.sent if s.method == "POST" and "/upload/" in s.path]
@@ -138,7 +157,8 @@ def test_a_single_upload_is_create_only_on_the_wire(store, wire, tmp_path) -> No
 
 
 def test_a_composite_upload_is_create_only_where_it_matters(store, wire, tmp_path) -> None:
-    """Parts go to fresh temporary names; the one compose that names the key is create-only.
+    """Parts go to random temporary names with no precondition (a retry after a lost reply
+    rewrites them); the one compose that names the key is create-only.
 
     Neither emulator enforces a precondition on compose, so this is the proof that real
     GCS is asked to: the request carries ``ifGenerationMatch=0``.
@@ -148,7 +168,7 @@ def test_a_composite_upload_is_create_only_where_it_matters(store, wire, tmp_pat
     assert digest == digest_of(data)
     parts = wire.uploads()
     assert len(parts) == 5
-    assert all(p.query["ifGenerationMatch"] == ["0"] for p in parts)
+    assert all("ifGenerationMatch" not in p.query for p in parts)
     (compose,) = wire.composes()
     assert compose.path.endswith("/o/m/big.pt/compose")
     assert compose.query["ifGenerationMatch"] == ["0"]
@@ -176,12 +196,69 @@ def test_losing_the_compose_race_is_object_exists(store, wire, tmp_path) -> None
     assert list(store._client.list_blobs(store._bucket)) == []
 
 
-def test_a_multi_level_compose_for_many_parts(gcs_bucket: str, tmp_path: Path) -> None:
-    store = small_parts_store(gcs_bucket, part_size=256 * 1024, parallel_threshold=1 * MiB)
+def test_a_part_upload_whose_reply_is_lost_is_retried(store, wire, tmp_path) -> None:
+    """The server stored the part but the reply never came: the retry must not get a 412.
+
+    fake-gcs-server enforces ``ifGenerationMatch`` on single-request uploads, so a part
+    written create-only would fail here on its retry.
+    """
+    wire.lose_reply_once(lambda sent: "/upload/" in sent.path)
+    source, data = payload(tmp_path, "big.pt", 3 * 4 * MiB + 7)
+    digest = store.put_file(source, "m/big.pt")
+    assert digest == digest_of(data)
+    assert len(wire.uploads()) == 4 + 1  # four parts, one of them sent twice
+    target = tmp_path / "out" / "big.pt"
+    store.get_file("m/big.pt", target, digest)
+    assert target.read_bytes() == data
+    assert [o.key for o in store.list()] == ["m/big.pt"]
+    assert not list(store._client.list_blobs(store._bucket, prefix=TEMP_ROOT))
+
+
+@pytest.fixture
+def many_parts_store(gcs_bucket: str) -> GCSStore:
+    """Parts of 256 KiB, so that 41 of them need an intermediate compose level."""
+    return small_parts_store(gcs_bucket, part_size=256 * 1024, parallel_threshold=1 * MiB)
+
+
+def test_a_multi_level_compose_for_many_parts(many_parts_store, tmp_path, monkeypatch) -> None:
+    store = many_parts_store
+    wire = Wire(store, monkeypatch)
     source, data = payload(tmp_path, "many.bin", 40 * 256 * 1024 + 5)  # 41 parts
     digest = store.put_file(source, "m/many.bin")
     assert digest == digest_of(data) == store.content_digest("m/many.bin")
     assert [o.key for o in store.list()] == ["m/many.bin"]
+    *intermediate, final = wire.composes()
+    assert len(intermediate) == 2
+    assert all(f"/o/{TEMP_ROOT}/" in c.path for c in intermediate)
+    assert all("ifGenerationMatch" not in c.query for c in intermediate)
+    assert final.path.endswith("/o/m/many.bin/compose")
+    assert final.query["ifGenerationMatch"] == ["0"]
+
+
+def test_an_intermediate_compose_whose_reply_is_lost_is_retried(
+    many_parts_store, tmp_path, monkeypatch
+) -> None:
+    """Real GCS would answer a create-only retry of a compose that went through with 412;
+    the emulators don't check compose preconditions, so the wire plays GCS's part. The
+    put must succeed, not report that the caller's key already exists."""
+    store = many_parts_store
+    wire = Wire(store, monkeypatch)
+    attempts = itertools.count(1)
+
+    def intermediate(sent: Sent) -> bool:
+        return sent.path.endswith("/c0-00000/compose")
+
+    def retried_create_only(sent: Sent) -> bool:
+        return intermediate(sent) and next(attempts) > 1 and "ifGenerationMatch" in sent.query
+
+    wire.answer_once(retried_create_only, 412)
+    wire.lose_reply_once(intermediate)
+    source, data = payload(tmp_path, "many.bin", 40 * 256 * 1024 + 5)
+    digest = store.put_file(source, "m/many.bin")
+    assert digest == digest_of(data) == store.content_digest("m/many.bin")
+    assert len([c for c in wire.composes() if intermediate(c)]) == 2
+    assert [o.key for o in store.list()] == ["m/many.bin"]
+    assert not list(store._client.list_blobs(store._bucket, prefix=TEMP_ROOT))
 
 
 # failures -------------------------------------------------------------------------------
@@ -280,6 +357,27 @@ def test_large_downloads_come_in_parallel_ranges_of_one_generation(store, wire, 
         f"bytes={s}-{e - 1}" for s, e in byte_ranges(len(data), 4 * MiB)
     )
     assert len({s.query["generation"][0] for s in reads}) == 1
+
+
+def test_each_range_is_fetched_through_its_own_blob(store, tmp_path, monkeypatch) -> None:
+    """``download_as_bytes`` rewrites its Blob's properties from each response, so worker
+    threads must not share one."""
+    source, data = payload(tmp_path, "big.pt", 3 * 4 * MiB + 1)
+    digest = store.put_file(source, "m/big.pt")
+    used: list[storage.Blob] = []  # kept alive, so that no id is reused
+    real = storage.Blob.download_as_bytes
+
+    def recording(self: storage.Blob, *args: Any, **kwargs: Any) -> bytes:
+        used.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(storage.Blob, "download_as_bytes", recording)
+    target = tmp_path / "out" / "big.pt"
+    store.get_file("m/big.pt", target, digest)
+    assert target.read_bytes() == data
+    assert len(used) == len(list(byte_ranges(len(data), 4 * MiB)))
+    assert len({id(blob) for blob in used}) == len(used)
+    assert len({blob.generation for blob in used}) == 1
 
 
 def test_an_object_replaced_mid_download_is_an_integrity_error(

@@ -5,11 +5,13 @@ writers of one key exactly one wins and the others get a 412.
 
 Large files go up as a *parallel composite upload*: parts are read from the file once,
 in order, hashed on the way and uploaded in parallel as temporary objects under
-``.nexus-uploads/``, then one ``compose`` call (create-only on the destination) joins
-them and the temporary objects are deleted. GCS's XML multipart API would avoid the
-temporary objects, but it accepts no preconditions, so a racing writer could silently
-replace the winner; compose does accept them. Large downloads fetch ranges of one
-generation in parallel and hand them over in order.
+``.nexus-uploads/<random>/``, then one ``compose`` call (create-only on the destination)
+joins them and the temporary objects are deleted. Temporary names are random, so parts
+and intermediate composes carry no precondition: a retry after a lost reply simply
+writes the same bytes again instead of failing with a 412. GCS's XML multipart API
+would avoid the temporary objects, but it accepts no preconditions, so a racing writer
+could silently replace the winner; compose does accept them. Large downloads fetch
+ranges of one generation in parallel and hand them over in order.
 
 GCS keeps a CRC32C and (for non-composite objects) an MD5, never a SHA-256, so ``stat``
 reports no SHA-256 and ``verify`` re-reads the bytes.
@@ -286,23 +288,28 @@ class GCSStore(ObjectStore):
             size = source.stat().st_size
         except FileNotFoundError as exc:
             raise NotFoundError(f"no such file: {source}") from exc
-        condition = 0 if if_absent else None
+        if_generation_match = 0 if if_absent else None
         with self._translated("write", key):
             if size <= self.parallel_threshold:
-                return self._put_single(source, name, key, condition, progress)
-            return self._put_composite(source, name, key, condition, progress)
+                return self._put_single(source, name, key, if_generation_match, progress)
+            return self._put_composite(source, name, key, if_generation_match, progress)
 
     def _exists_error(self, key: str, digest: Digest) -> ObjectExistsError:
         return ObjectExistsError(f"{key} already exists in {self.describe()}", digest=digest)
 
     def _put_single(
-        self, source: Path, name: str, key: str, condition: int | None, progress: Progress
+        self,
+        source: Path,
+        name: str,
+        key: str,
+        if_generation_match: int | None,
+        progress: Progress,
     ) -> Digest:
         """One request with the bytes read (and hashed) once; create-only with generation 0."""
         body, digest = read_hashed(source)
         try:
             self._bucket.blob(name).upload_from_string(
-                body, if_generation_match=condition, retry=RETRY
+                body, if_generation_match=if_generation_match, retry=RETRY
             )
         except api_errors.PreconditionFailed as exc:
             raise self._exists_error(key, digest) from exc
@@ -310,7 +317,12 @@ class GCSStore(ObjectStore):
         return digest
 
     def _put_composite(
-        self, source: Path, name: str, key: str, condition: int | None, progress: Progress
+        self,
+        source: Path,
+        name: str,
+        key: str,
+        if_generation_match: int | None,
+        progress: Progress,
     ) -> Digest:
         """Parts as temporary objects in parallel, joined by one create-only compose."""
         temp_prefix = self._name(f"{TEMP_ROOT}/{secrets.token_hex(8)}") + "/"
@@ -318,10 +330,9 @@ class GCSStore(ObjectStore):
         def send(part: tuple[int, bytes]) -> tuple[int, str]:
             number, chunk = part
             part_name = f"{temp_prefix}{number:05d}"
-            # generation 0: the name is fresh, and a retried request cannot write twice
-            self._bucket.blob(part_name).upload_from_string(
-                chunk, if_generation_match=0, retry=RETRY
-            )
+            # no precondition: the name is random, so nobody else writes it, and a retry
+            # after a lost reply must overwrite the part rather than fail with a 412
+            self._bucket.blob(part_name).upload_from_string(chunk, retry=RETRY)
             return len(chunk), part_name
 
         hasher = StreamHasher()
@@ -334,7 +345,7 @@ class GCSStore(ObjectStore):
                     progress(count)
             digest = hasher.digest()
             try:
-                self._compose(names, name, condition, temp_prefix)
+                self._compose(names, name, if_generation_match, temp_prefix)
             except api_errors.PreconditionFailed as exc:
                 raise self._exists_error(key, digest) from exc
             return digest
@@ -342,8 +353,15 @@ class GCSStore(ObjectStore):
             hasher.close()
             self._delete_temporaries(temp_prefix)
 
-    def _compose(self, names: list[str], name: str, condition: int | None, temp: str) -> None:
-        """Join ``names`` into ``name``, through intermediate objects past 32 sources."""
+    def _compose(
+        self, names: list[str], name: str, if_generation_match: int | None, temp: str
+    ) -> None:
+        """Join ``names`` into ``name``, through intermediate objects past 32 sources.
+
+        Intermediate objects get random temporary names and no precondition (a retried
+        compose rewrites the same bytes); only the last compose, onto ``name``, carries
+        ``if_generation_match``.
+        """
         level = 0
         while len(names) > MAX_COMPOSE_SOURCES:
             groups = [
@@ -351,16 +369,16 @@ class GCSStore(ObjectStore):
                 for i in range(0, len(names), MAX_COMPOSE_SOURCES)
             ]
             names = [
-                self._compose_one(group, f"{temp}c{level}-{index:05d}", 0)
+                self._compose_one(group, f"{temp}c{level}-{index:05d}", None)
                 for index, group in enumerate(groups)
             ]
             level += 1
-        self._compose_one(names, name, condition)
+        self._compose_one(names, name, if_generation_match)
 
-    def _compose_one(self, sources: list[str], name: str, condition: int | None) -> str:
+    def _compose_one(self, sources: list[str], name: str, if_generation_match: int | None) -> str:
         self._bucket.blob(name).compose(
             [self._bucket.blob(source) for source in sources],
-            if_generation_match=condition,
+            if_generation_match=if_generation_match,
             retry=RETRY,
         )
         return name
@@ -374,8 +392,9 @@ class GCSStore(ObjectStore):
 
         with contextlib.suppress(*_TRANSLATED):
             blobs = self._client.list_blobs(self._bucket, prefix=temp_prefix, retry=RETRY)
-            for _ in ordered_parallel(remove, blobs, self.max_concurrency):
-                pass
+            with closing(ordered_parallel(remove, blobs, self.max_concurrency)) as removed:
+                for _ in removed:
+                    pass
 
     def iter_bytes(self, key: str) -> Iterator[bytes]:
         """The bytes of one generation in order; large objects come in parallel ranges."""
@@ -384,10 +403,13 @@ class GCSStore(ObjectStore):
             if blob is None:
                 raise NotFoundError(f"object {key} is missing from {self.describe()}")
             size = blob.size or 0
-            pinned = self._bucket.blob(blob.name, generation=blob.generation)
+            name, generation = blob.name, blob.generation
 
             def fetch(span: tuple[int, int]) -> bytes:
                 start, end = span
+                # one Blob per range: download_as_bytes rewrites the blob's properties
+                # from each response, so a Blob shared between threads would race
+                pinned = self._bucket.blob(name, generation=generation)
                 try:
                     data = pinned.download_as_bytes(
                         start=start, end=end - 1, checksum=None, retry=RETRY
