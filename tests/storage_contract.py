@@ -122,6 +122,7 @@ class StorageContract:
         with pytest.raises(NotFoundError):
             list(store.iter_bytes("m/none.pt"))
         download_dir = tmp_path / "downloads"
+        download_dir.mkdir()
         target = download_dir / "never.pt"
         with pytest.raises(NotFoundError):
             store.get_file("m/none.pt", target, digest_of(b"x"))

@@ -7,13 +7,22 @@ import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from nexus_cli.config import StorageConfig
 from nexus_cli.errors import NotFoundError, ObjectExistsError, StorageError
 from nexus_cli.files import INCOMPLETE_SUFFIX, fsync_dir, make_ignored_dir, temp_path_beside
 from nexus_cli.names import validate_storage_key
 from nexus_cli.storage.base import ObjectInfo, ObjectStore
-from nexus_cli.transfer import Digest, Progress, copy_hashed, no_progress, read_chunks
+from nexus_cli.transfer import (
+    Digest,
+    Progress,
+    VerifiedSink,
+    copy_hashed,
+    no_progress,
+    read_chunks,
+    reused_chunks,
+)
 
 
 class LocalStore(ObjectStore):
@@ -71,21 +80,35 @@ class LocalStore(ObjectStore):
             with contextlib.suppress(OSError):
                 temp.unlink()
 
-    def iter_bytes(self, key: str) -> Iterator[bytes]:
-        path = self._path(key)
+    def _open(self, key: str) -> BinaryIO:
         try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
+            return open(self._path(key), "rb", buffering=0)  # noqa: SIM115 - callers close it
         except FileNotFoundError as exc:
             raise NotFoundError(
                 f"object {key} is missing from the local store {self.root}"
             ) from exc
         except OSError as exc:
             raise self._storage_error("read", key, exc) from exc
-        with handle:
+
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        with self._open(key) as handle:
             try:
                 yield from read_chunks(handle)
             except OSError as exc:
                 raise self._storage_error("read", key, exc) from exc
+
+    def get_file(
+        self, key: str, target: Path, expected: Digest, *, progress: Progress = no_progress
+    ) -> Digest:
+        """As the base class, reading through reused buffers (a local copy is memory-bound)."""
+        with self._open(key) as handle, VerifiedSink(target, expected) as sink:
+            try:
+                for chunk in reused_chunks(handle):
+                    sink.write(chunk)
+                    progress(len(chunk))
+            except OSError as exc:
+                raise self._storage_error("read", key, exc) from exc
+            return sink.commit()
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
