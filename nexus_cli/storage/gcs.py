@@ -45,11 +45,10 @@ from nexus_cli.errors import (
     IntegrityError,
     NexusError,
     NotFoundError,
-    ObjectExistsError,
     StorageError,
 )
-from nexus_cli.names import validate_storage_key
-from nexus_cli.storage.base import ObjectInfo, ObjectStore
+from nexus_cli.storage.base import ObjectInfo
+from nexus_cli.storage.bucket import BucketStore, MiB, one_line
 from nexus_cli.transfer import (
     Digest,
     Progress,
@@ -61,7 +60,6 @@ from nexus_cli.transfer import (
     read_hashed,
 )
 
-MiB = 1024 * 1024
 #: the most the SDK sends in one request; above it, it opens a resumable session
 SINGLE_REQUEST_MAX = 8 * MiB
 #: part size for composite uploads and range size for downloads
@@ -113,10 +111,6 @@ _TRANSLATED = (
 )
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def _refused(exc: requests.ConnectionError) -> bool:
     """Nothing listens there or the name does not resolve: a setup error, not a blip."""
     reason = getattr(exc.args[0], "reason", None) if exc.args else None
@@ -150,10 +144,11 @@ def make_client(endpoint_url: str | None) -> storage.Client:
     return storage.Client(project=project, client_options=options)
 
 
-class GCSStore(ObjectStore):
+class GCSStore(BucketStore):
     """Objects in a GCS bucket under an optional name prefix."""
 
     provider = "gcs"
+    scheme = "gs"
 
     def __init__(
         self,
@@ -168,8 +163,7 @@ class GCSStore(ObjectStore):
     ) -> None:
         if parallel_threshold > SINGLE_REQUEST_MAX:
             raise ValueError(f"parallel_threshold must be at most {SINGLE_REQUEST_MAX} bytes")
-        self.bucket_name = bucket
-        self.prefix = prefix.strip("/")
+        super().__init__(bucket, prefix)
         self.endpoint_url = endpoint_url or None
         self.part_size = max(part_size, 256 * 1024)
         self.parallel_threshold = parallel_threshold
@@ -185,18 +179,7 @@ class GCSStore(ObjectStore):
     def from_config(cls, config: StorageConfig, base_dir: Path) -> GCSStore:
         return cls(config.bucket, prefix=config.prefix, endpoint_url=config.endpoint_url or None)
 
-    def describe(self) -> str:
-        return f"gs://{self.bucket_name}/{self.prefix}".rstrip("/")
-
     # keys and errors ----------------------------------------------------------------
-
-    def _name(self, key: str) -> str:
-        validate_storage_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _uri(self, key: str | None) -> str:
-        parts = [p for p in (self.prefix, key) if p]
-        return f"gs://{self.bucket_name}/{'/'.join(parts)}".rstrip("/")
 
     def _endpoint(self) -> str:
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -221,7 +204,7 @@ class GCSStore(ObjectStore):
             )
         if isinstance(exc, auth_errors.RefreshError | api_errors.Unauthorized):
             return StorageError(
-                f"Google rejected the credentials used to {action} {where}: {_one_line(exc)}",
+                f"Google rejected the credentials used to {action} {where}: {one_line(exc)}",
                 hint="check GOOGLE_APPLICATION_CREDENTIALS or renew the gcloud login",
             )
         if isinstance(exc, requests.RequestException | auth_errors.TransportError):
@@ -230,7 +213,7 @@ class GCSStore(ObjectStore):
                 hint="check the network and proxy, storage.endpoint_url, or the emulator",
             )
         if isinstance(exc, media_errors.DataCorruption):
-            return IntegrityError(f"GCS checksum mismatch for {where}: {_one_line(exc)}")
+            return IntegrityError(f"GCS checksum mismatch for {where}: {one_line(exc)}")
         if isinstance(exc, api_errors.NotFound):
             if action == "read" and key:
                 return NotFoundError(f"object {key} is missing from {self.describe()}")
@@ -246,7 +229,7 @@ class GCSStore(ObjectStore):
                 f"{self._endpoint()} kept failing to {action} {where} after retries",
                 hint="the service is throttling or unavailable: try again later",
             )
-        return StorageError(f"GCS failed to {action} {where}: {_one_line(exc)}")
+        return StorageError(f"GCS failed to {action} {where}: {one_line(exc)}")
 
     @contextlib.contextmanager
     def _translated(self, action: str, key: str | None = None) -> Iterator[None]:
@@ -293,9 +276,6 @@ class GCSStore(ObjectStore):
             if size <= self.parallel_threshold:
                 return self._put_single(source, name, key, if_generation_match, progress)
             return self._put_composite(source, name, key, if_generation_match, progress)
-
-    def _exists_error(self, key: str, digest: Digest) -> ObjectExistsError:
-        return ObjectExistsError(f"{key} already exists in {self.describe()}", digest=digest)
 
     def _put_single(
         self,
@@ -435,9 +415,10 @@ class GCSStore(ObjectStore):
                 self._check_bucket()
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        root = f"{self.prefix}/" if self.prefix else ""
         with self._translated("list"):
-            for blob in self._client.list_blobs(self._bucket, prefix=root + prefix, retry=RETRY):
-                key = blob.name[len(root) :]
+            for blob in self._client.list_blobs(
+                self._bucket, prefix=self._root + prefix, retry=RETRY
+            ):
+                key = self._key(blob.name)
                 if not key.startswith(f"{TEMP_ROOT}/"):
                     yield ObjectInfo(key=key, size=blob.size or 0)

@@ -47,11 +47,10 @@ from nexus_cli.errors import (
     IntegrityError,
     NexusError,
     NotFoundError,
-    ObjectExistsError,
     StorageError,
 )
-from nexus_cli.names import validate_storage_key
-from nexus_cli.storage.base import ObjectInfo, ObjectStore
+from nexus_cli.storage.base import ObjectInfo
+from nexus_cli.storage.bucket import BucketStore, MiB, one_line
 from nexus_cli.transfer import (
     Digest,
     Progress,
@@ -63,7 +62,6 @@ from nexus_cli.transfer import (
     read_hashed,
 )
 
-MiB = 1024 * 1024
 #: files below this go up in one PUT (held in memory, at most this big), larger ones in parts
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 #: part size for uploads and range size for downloads; S3 wants at least 5 MiB per part
@@ -102,10 +100,6 @@ _CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), or AWS_PROFILE, "
     "or run with an IAM role"
 )
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _error_code(exc: ClientError) -> tuple[str, int]:
@@ -153,10 +147,11 @@ def make_client(endpoint_url: str | None, region: str | None, pool_size: int) ->
     )
 
 
-class S3Store(ObjectStore):
+class S3Store(BucketStore):
     """Objects in an S3 bucket under an optional key prefix."""
 
     provider = "s3"
+    scheme = "s3"
 
     def __init__(
         self,
@@ -173,8 +168,7 @@ class S3Store(ObjectStore):
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
+        super().__init__(bucket, prefix)
         self.endpoint_url = endpoint_url or None
         self.region = region or None
         self.provider = provider
@@ -191,7 +185,7 @@ class S3Store(ObjectStore):
                     hint="fix AWS_PROFILE or add the profile to ~/.aws/config",
                 ) from exc
             except BotoCoreError as exc:
-                raise StorageError(f"cannot set up the S3 client: {_one_line(exc)}") from exc
+                raise StorageError(f"cannot set up the S3 client: {one_line(exc)}") from exc
         self._client = client
 
     @classmethod
@@ -205,18 +199,9 @@ class S3Store(ObjectStore):
         )
 
     def describe(self) -> str:
-        where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        return f"{where} at {self.endpoint_url}" if self.endpoint_url else where
+        return f"{self._uri()} at {self.endpoint_url}" if self.endpoint_url else self._uri()
 
     # keys and errors ----------------------------------------------------------------
-
-    def _name(self, key: str) -> str:
-        validate_storage_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _uri(self, key: str | None) -> str:
-        parts = [p for p in (self.prefix, key) if p]
-        return f"s3://{self.bucket}/{'/'.join(parts)}".rstrip("/")
 
     def _endpoint(self) -> str:
         if self.endpoint_url:
@@ -228,7 +213,7 @@ class S3Store(ObjectStore):
         where = self._uri(key)
         if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
             return StorageError(
-                f"no usable AWS credentials to {action} {where}: {_one_line(exc)}",
+                f"no usable AWS credentials to {action} {where}: {one_line(exc)}",
                 hint=_CREDENTIALS_HINT,
             )
         if isinstance(exc, BotoConnectionError | ConnectionClosedError | ReadTimeoutError):
@@ -238,9 +223,9 @@ class S3Store(ObjectStore):
                 "and that the server is up",
             )
         if not isinstance(exc, ClientError):
-            return StorageError(f"S3 failed to {action} {where}: {_one_line(exc)}")
+            return StorageError(f"S3 failed to {action} {where}: {one_line(exc)}")
         code, status = _error_code(exc)
-        message = _one_line(exc.response.get("Error", {}).get("Message", ""))
+        message = one_line(exc.response.get("Error", {}).get("Message", ""))
         if code == "NoSuchBucket":
             return self._missing_bucket()
         if code == "NoSuchUpload":
@@ -258,14 +243,14 @@ class S3Store(ObjectStore):
             )
         if code in _REGION_CODES or status == 301:
             return StorageError(
-                f"bucket {self.bucket!r} is not in the region the request went to ({code})",
+                f"bucket {self.bucket_name!r} is not in the region the request went to ({code})",
                 hint="set storage.region or NEXUS_REGION to the bucket's region",
             )
         if code in _DENIED_CODES or status == 403:
             return StorageError(
                 f"access denied: cannot {action} {where} ({code})",
                 hint=f"the credentials' policy must allow {_PERMISSIONS.get(action, action)} "
-                f"on arn:aws:s3:::{self.bucket}",
+                f"on arn:aws:s3:::{self.bucket_name}",
             )
         if status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout"}:
             return StorageError(
@@ -276,7 +261,7 @@ class S3Store(ObjectStore):
 
     def _missing_bucket(self) -> StorageError:
         return StorageError(
-            f"bucket {self.bucket!r} does not exist at {self._endpoint()}",
+            f"bucket {self.bucket_name!r} does not exist at {self._endpoint()}",
             hint="create it, or fix storage.bucket / NEXUS_BUCKET (and storage.region)",
         )
 
@@ -292,7 +277,7 @@ class S3Store(ObjectStore):
         if self._bucket_checked:
             return
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            self._client.head_bucket(Bucket=self.bucket_name)
         except ClientError as exc:
             code, status = _error_code(exc)
             if status == 404 or code == "NoSuchBucket":
@@ -304,7 +289,9 @@ class S3Store(ObjectStore):
     def _head(self, key: str) -> dict[str, Any] | None:
         name = self._name(key)
         try:
-            return self._client.head_object(Bucket=self.bucket, Key=name, ChecksumMode="ENABLED")
+            return self._client.head_object(
+                Bucket=self.bucket_name, Key=name, ChecksumMode="ENABLED"
+            )
         except ClientError as exc:
             status = _error_code(exc)[1]
             if status == 404:
@@ -317,7 +304,7 @@ class S3Store(ObjectStore):
     def _explain_forbidden(self, name: str, key: str, exc: ClientError) -> None:
         """A HEAD 403 has no body; a one-byte GET tells bad credentials from a denial."""
         try:
-            answer = self._client.get_object(Bucket=self.bucket, Key=name, Range="bytes=0-0")
+            answer = self._client.get_object(Bucket=self.bucket_name, Key=name, Range="bytes=0-0")
             answer["Body"].close()
         except ClientError as probe:
             if _error_code(probe)[1] in (401, 403):
@@ -347,9 +334,6 @@ class S3Store(ObjectStore):
                 return self._put_single(source, name, key, if_absent, progress)
             return self._put_multipart(source, name, key, size, if_absent, progress)
 
-    def _exists_error(self, key: str, digest: Digest) -> ObjectExistsError:
-        return ObjectExistsError(f"{key} already exists in {self.describe()}", digest=digest)
-
     def _put_single(
         self, source: Path, name: str, key: str, if_absent: bool, progress: Progress
     ) -> Digest:
@@ -360,7 +344,7 @@ class S3Store(ObjectStore):
         for attempt in range(4):
             try:
                 self._client.put_object(
-                    Bucket=self.bucket,
+                    Bucket=self.bucket_name,
                     Key=name,
                     Body=body,
                     ChecksumAlgorithm="SHA256",
@@ -386,13 +370,13 @@ class S3Store(ObjectStore):
         """Parts read once in order, hashed as read, sent in parallel; aborted on any failure."""
         part_size = max(self.part_size, math.ceil(size / MAX_PARTS))
         upload_id = self._client.create_multipart_upload(
-            Bucket=self.bucket, Key=name, ChecksumAlgorithm="CRC32"
+            Bucket=self.bucket_name, Key=name, ChecksumAlgorithm="CRC32"
         )["UploadId"]
 
         def send(part: tuple[int, bytes]) -> tuple[int, dict[str, Any]]:
             number, chunk = part
             answer = self._client.upload_part(
-                Bucket=self.bucket,
+                Bucket=self.bucket_name,
                 Key=name,
                 UploadId=upload_id,
                 PartNumber=number,
@@ -419,7 +403,7 @@ class S3Store(ObjectStore):
             condition = {"IfNoneMatch": "*"} if if_absent else {}
             try:
                 self._client.complete_multipart_upload(
-                    Bucket=self.bucket,
+                    Bucket=self.bucket_name,
                     Key=name,
                     UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
@@ -441,7 +425,9 @@ class S3Store(ObjectStore):
     def _abort(self, name: str, upload_id: str) -> None:
         """Best effort: a failed abort leaves parts for the bucket's lifecycle rule."""
         with contextlib.suppress(ClientError, BotoCoreError):
-            self._client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+            self._client.abort_multipart_upload(
+                Bucket=self.bucket_name, Key=name, UploadId=upload_id
+            )
 
     def _fetch_range(self, name: str, etag: str, span: tuple[int, int]) -> bytes:
         """One range of the object as it was when first seen (``If-Match``), read in full.
@@ -451,7 +437,7 @@ class S3Store(ObjectStore):
         start, end = span
         for attempt in range(3):
             answer = self._client.get_object(
-                Bucket=self.bucket, Key=name, Range=f"bytes={start}-{end - 1}", IfMatch=etag
+                Bucket=self.bucket_name, Key=name, Range=f"bytes={start}-{end - 1}", IfMatch=etag
             )
             try:
                 with closing(answer["Body"]) as body:
@@ -487,14 +473,13 @@ class S3Store(ObjectStore):
     def delete(self, key: str) -> None:
         name = self._name(key)
         with self._translated("delete", key):
-            self._client.delete_object(Bucket=self.bucket, Key=name)
+            self._client.delete_object(Bucket=self.bucket_name, Key=name)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        root = f"{self.prefix}/" if self.prefix else ""
         with self._translated("list"):
             pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=root + prefix
+                Bucket=self.bucket_name, Prefix=self._root + prefix
             )
             for page in pages:
                 for item in page.get("Contents", []):
-                    yield ObjectInfo(key=item["Key"][len(root) :], size=item["Size"])
+                    yield ObjectInfo(key=self._key(item["Key"]), size=item["Size"])
