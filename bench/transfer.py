@@ -49,6 +49,23 @@ class Row:
         return self.nexus_s / self.baseline_s
 
 
+class Samples:
+    """Seconds measured for each figure, and the highest peak RSS seen for each."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+        self.rss: dict[str, float] = {}
+
+    def record(self, name: str, seconds: float, peak: float | None = None) -> None:
+        self.seconds.setdefault(name, []).append(seconds)
+        if peak is not None:
+            self.rss[name] = max(self.rss.get(name, 0.0), peak)
+
+    @property
+    def median(self) -> dict[str, float]:
+        return {name: statistics.median(values) for name, values in self.seconds.items()}
+
+
 def timed(command: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float]:
     """Run ``command``; return (seconds, peak RSS in MB of that one process).
 
@@ -111,13 +128,8 @@ def local_rows(work: Path, weights: Path, runs: int) -> list[Row]:
     hashers = {"sha256sum": "sha256sum", "openssl": "openssl dgst -sha256"}
     store_cmd = [*NEXUS, "store", str(weights), "model", "--json"]
 
-    samples: dict[str, list[float]] = {}
-    rss: dict[str, float] = {}
-
-    def record(name: str, seconds: float, peak: float | None = None) -> None:
-        samples.setdefault(name, []).append(seconds)
-        if peak is not None:
-            rss[name] = max(rss.get(name, 0.0), peak)
+    samples = Samples()
+    record = samples.record
 
     for run in range(runs):
         shutil.rmtree(store_root, ignore_errors=True)
@@ -148,7 +160,7 @@ def local_rows(work: Path, weights: Path, runs: int) -> list[Row]:
             else:
                 record(f"again/{side}", shell(f"{hashers[side]} {weights} >/dev/null", work))
 
-    median = {name: statistics.median(values) for name, values in samples.items()}
+    median, rss = samples.median, samples.rss
     rows = []
     for key, figure, baseline in (
         ("store", "local: nexus store", "cp + {}"),

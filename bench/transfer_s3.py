@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from transfer import NEXUS, make_file, make_repo, shell, timed  # noqa: E402
+from transfer import NEXUS, Samples, make_file, make_repo, shell, timed  # noqa: E402
 
 BUCKET = "nexus-bench"
 BOTO3 = """
@@ -74,13 +73,8 @@ def s3_rows(path: Path, runs: int) -> list[dict]:
     }
     os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    samples: dict[str, list[float]] = {}
-    rss: dict[str, float] = {}
-
-    def record(name: str, seconds: float, peak: float | None = None) -> None:
-        samples.setdefault(name, []).append(seconds)
-        if peak is not None:
-            rss[name] = max(rss.get(name, 0.0), peak)
+    samples = Samples()
+    record = samples.record
 
     try:
         with tempfile.TemporaryDirectory(prefix="nexus-bench-s3-", dir=path.parent) as scratch:
@@ -121,11 +115,11 @@ def s3_rows(path: Path, runs: int) -> list[dict]:
 
     rows = []
     for key, figure, baseline in FIGURES:
-        nexus_s = statistics.median(samples[key])
-        baseline_s = statistics.median(samples[f"{key}/base"])
+        nexus_s = samples.median[key]
+        baseline_s = samples.median[f"{key}/base"]
         rows.append({"figure": figure, "nexus_s": nexus_s, "baseline_s": baseline_s,
-                     "ratio": nexus_s / baseline_s, "goal": "≤ 1.2", "peak_rss_mb": rss[key],
-                     "note": baseline})  # fmt: skip
+                     "ratio": nexus_s / baseline_s, "goal": "≤ 1.2",
+                     "peak_rss_mb": samples.rss[key], "note": baseline})  # fmt: skip
     return rows
 
 
