@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from nexus_cli.errors import IntegrityError, NotFoundError, ObjectExistsError, UsageError
+from nexus_cli.errors import (
+    IntegrityError,
+    NotFoundError,
+    ObjectExistsError,
+    StorageError,
+    UsageError,
+)
 from nexus_cli.storage import ObjectStore
 from nexus_cli.transfer import CHUNK_SIZE, Digest
 
@@ -27,6 +33,20 @@ def write(tmp_path: Path, name: str, data: bytes) -> Path:
     path = tmp_path / name
     path.write_bytes(data)
     return path
+
+
+def assert_missing_bucket_everywhere(store: ObjectStore, tmp_path: Path, bucket: str) -> None:
+    """For cloud stores: every operation on a bucket that does not exist says so (exit 6)."""
+    source = write(tmp_path, "a", b"x")
+    for action in (
+        lambda: store.stat("m/k.pt"),
+        lambda: store.put_file(source, "m/k.pt"),
+        lambda: list(store.iter_bytes("m/k.pt")),
+        lambda: list(store.list()),
+        lambda: store.delete("m/k.pt"),
+    ):
+        with pytest.raises(StorageError, match=f"'{bucket}' does not exist"):
+            action()
 
 
 class StorageContract:

@@ -24,7 +24,12 @@ from nexus_cli.errors import IntegrityError, ObjectExistsError, StorageError
 from nexus_cli.storage import open_store
 from nexus_cli.storage.gcs import TEMP_ROOT, GCSStore, is_transient
 from nexus_cli.transfer import byte_ranges
-from tests.storage_contract import StorageContract, digest_of, write
+from tests.storage_contract import (
+    StorageContract,
+    assert_missing_bucket_everywhere,
+    digest_of,
+    write,
+)
 
 pytest_plugins = ["tests.cloud_servers"]
 
@@ -302,16 +307,7 @@ def test_a_missing_bucket_is_a_storage_error_everywhere(
 ) -> None:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs_endpoint)
     store = GCSStore("no-such-bucket")
-    source = write(tmp_path, "a", b"x")
-    for action in (
-        lambda: store.stat("m/k.pt"),
-        lambda: store.put_file(source, "m/k.pt"),
-        lambda: list(store.iter_bytes("m/k.pt")),
-        lambda: list(store.list()),
-        lambda: store.delete("m/k.pt"),
-    ):
-        with pytest.raises(StorageError, match="'no-such-bucket' does not exist"):
-            action()
+    assert_missing_bucket_everywhere(store, tmp_path, "no-such-bucket")
 
 
 def refused_connection() -> requests.ConnectionError:

@@ -18,7 +18,12 @@ from nexus_cli.errors import IntegrityError, ObjectExistsError, StorageError
 from nexus_cli.storage import open_store
 from nexus_cli.storage.s3 import S3Store, _store_sha256
 from nexus_cli.transfer import Digest, byte_ranges
-from tests.storage_contract import StorageContract, digest_of, write
+from tests.storage_contract import (
+    StorageContract,
+    assert_missing_bucket_everywhere,
+    digest_of,
+    write,
+)
 
 pytest_plugins = ["tests.cloud_servers"]
 
@@ -287,16 +292,7 @@ def test_a_missing_bucket_is_a_storage_error_everywhere(
     moto_endpoint: str, aws_env, tmp_path: Path
 ) -> None:
     store = S3Store("no-such-bucket", endpoint_url=moto_endpoint)
-    source = write(tmp_path, "a", b"x")
-    for action in (
-        lambda: store.stat("m/k.pt"),
-        lambda: store.put_file(source, "m/k.pt"),
-        lambda: list(store.iter_bytes("m/k.pt")),
-        lambda: list(store.list()),
-        lambda: store.delete("m/k.pt"),
-    ):
-        with pytest.raises(StorageError, match="'no-such-bucket' does not exist"):
-            action()
+    assert_missing_bucket_everywhere(store, tmp_path, "no-such-bucket")
 
 
 def test_a_409_at_completion_is_a_conflict_only_for_a_create_only_write(
