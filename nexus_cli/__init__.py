@@ -24,7 +24,18 @@ _EXPORTS = {
     "VersionRecord": "nexus_cli.metadata",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "LoadResult",
+    "Metadata",
+    "NexusError",
+    "Project",
+    "RollbackResult",
+    "StoreResult",
+    "VerifyResult",
+    "VersionRecord",
+    "__version__",
+    "init_project",
+]
 
 if TYPE_CHECKING:
     from nexus_cli.api import (

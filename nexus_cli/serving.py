@@ -197,7 +197,9 @@ def format_shape(shape: Sequence[int]) -> str:
 def shape_matches(shape: Sequence[int], expected: Sequence[int] | None) -> bool:
     if expected is None:
         return True
-    return len(shape) == len(expected) and all(e in (-1, s) for s, e in zip(shape, expected))
+    if len(shape) != len(expected):
+        return False
+    return all(e in (-1, s) for s, e in zip(shape, expected, strict=True))
 
 
 def check_sample(value: Any, spec: TensorSpec, where: str = "input") -> np.ndarray:
