@@ -24,6 +24,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +98,55 @@ def atomic_conditional_writes() -> Iterator[None]:
             setattr(S3Response, name, method)
 
 
+@contextlib.contextmanager
+def real_upload_start_times() -> Iterator[None]:
+    """Make moto's ListMultipartUploads report when each upload began, as S3 does.
+
+    moto answers ``Initiated: 2010-11-10T20:48:33Z`` for every upload, so an age filter
+    (``nexus gc --older-than``) could not tell a fresh upload from an old one.
+    """
+    from moto.s3.models import FakeMultipart
+    from moto.s3.responses import S3Response
+
+    original_init = FakeMultipart.__init__
+    original_serialized = S3Response.serialized
+    own_serialized = S3Response.__dict__.get("serialized")
+
+    @functools.wraps(original_init)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.nexus_initiated = datetime.now(UTC)
+
+    @functools.wraps(original_serialized)
+    def serialized(self: Any, action_result: Any) -> Any:
+        result = getattr(action_result, "result", None)
+        if isinstance(result, dict) and isinstance(result.get("Uploads"), list):
+            known = self.backend.list_multipart_uploads(self.bucket_name)
+            for item in result["Uploads"]:
+                started = getattr(known.get(item["UploadId"]), "nexus_initiated", None)
+                if started is not None:
+                    item["Initiated"] = started
+        return original_serialized(self, action_result)
+
+    FakeMultipart.__init__ = init
+    S3Response.serialized = serialized
+    try:
+        yield
+    finally:
+        FakeMultipart.__init__ = original_init
+        if own_serialized is None:
+            del S3Response.serialized  # back to the inherited method
+        else:
+            S3Response.serialized = own_serialized
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """``http://127.0.0.1:PORT`` of a moto server running in this process."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    with atomic_conditional_writes():
+    with atomic_conditional_writes(), real_upload_start_times():
         server.start()
         host, port = server.get_host_and_port()
         yield f"http://{host}:{port}"

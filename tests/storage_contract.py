@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,10 @@ class StorageContract:
     @pytest.fixture
     def store(self) -> ObjectStore:  # pragma: no cover - always overridden
         raise NotImplementedError
+
+    def leave_leftover(self, store: ObjectStore, tmp_path: Path) -> str:
+        """Leave what a killed upload of ``m/k.pt`` leaves; return the leftover's name."""
+        raise NotImplementedError  # pragma: no cover - every backend has one
 
     def test_put_then_get_round_trips_bytes(self, store: ObjectStore, tmp_path: Path) -> None:
         data = os.urandom(100_000)
@@ -193,3 +198,28 @@ class StorageContract:
             store.put_file(write(tmp_path, "a", b"x"), key)
         with pytest.raises(UsageError):
             store.get_file(key, tmp_path / "out", digest_of(b"x"))
+
+    # what interrupted uploads leave behind -------------------------------------------
+
+    def test_a_fresh_store_has_no_leftovers(self, store: ObjectStore, tmp_path: Path) -> None:
+        store.put_file(write(tmp_path, "a", b"stored"), "m/k.pt")
+        assert list(store.leftovers(timedelta(0))) == []
+
+    def test_leftovers_are_listed_by_age_and_removed(
+        self, store: ObjectStore, tmp_path: Path
+    ) -> None:
+        stored = os.urandom(10_000)
+        store.put_file(write(tmp_path, "a", stored), "m/k.pt")
+        before = datetime.now(UTC) - timedelta(minutes=5)
+        name = self.leave_leftover(store, tmp_path)
+        assert list(store.leftovers(timedelta(days=1))) == []  # too young: may be in flight
+        (leftover,) = store.leftovers(timedelta(0))
+        assert leftover.name == name
+        assert leftover.kind in {"multipart_upload", "temporary_part", "incomplete_file"}
+        assert before < leftover.started_at <= datetime.now(UTC) + timedelta(seconds=5)
+        assert leftover.size is None or leftover.size > 0
+        store.remove_leftover(leftover)
+        assert list(store.leftovers(timedelta(0))) == []
+        store.remove_leftover(leftover)  # gone already: not an error
+        assert [o.key for o in store.list()] == ["m/k.pt"]
+        assert store.content_digest("m/k.pt") == digest_of(stored)

@@ -42,12 +42,22 @@ def small_parts_store(bucket: str, **kwargs: Any) -> GCSStore:
     return GCSStore(bucket, **{**options, **kwargs})
 
 
+def leave_temporary_part(store: GCSStore) -> str:
+    """A part of a composite upload that was killed before it cleaned up."""
+    name = f"{TEMP_ROOT}/0123456789abcdef/00001"
+    store._bucket.blob(store._name(name)).upload_from_string(b"p" * 100)
+    return name
+
+
 class TestGCSContract(StorageContract):
     """On fake-gcs-server, which enforces ifGenerationMatch on single-request uploads."""
 
     @pytest.fixture
     def store(self, gcs_bucket: str) -> GCSStore:
         return small_parts_store(gcs_bucket)
+
+    def leave_leftover(self, store: GCSStore, tmp_path: Path) -> str:
+        return leave_temporary_part(store)
 
 
 class TestGCSContractOnTheOtherEmulator(StorageContract):
@@ -56,6 +66,9 @@ class TestGCSContractOnTheOtherEmulator(StorageContract):
     @pytest.fixture
     def store(self, emulator_bucket: str) -> GCSStore:
         return small_parts_store(emulator_bucket)
+
+    def leave_leftover(self, store: GCSStore, tmp_path: Path) -> str:
+        return leave_temporary_part(store)
 
     # This emulator ignores ifGenerationMatch, so it cannot show create-only writes; they
     # run against fake-gcs-server above and are checked at the request level below.

@@ -7,13 +7,16 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from nexus_cli.config import StorageConfig
-from nexus_cli.errors import StorageError
+from nexus_cli.errors import StorageError, UsageError
+from nexus_cli.files import temp_path_beside
 from nexus_cli.storage import open_store
+from nexus_cli.storage.base import Leftover
 from nexus_cli.storage.local import LocalStore
 from tests.storage_contract import StorageContract, digest_of, write
 
@@ -22,6 +25,11 @@ class TestLocalContract(StorageContract):
     @pytest.fixture
     def store(self, tmp_path: Path) -> LocalStore:
         return LocalStore(tmp_path / "store")
+
+    def leave_leftover(self, store: LocalStore, tmp_path: Path) -> str:
+        temp = temp_path_beside(store.root / "m" / "k.pt")
+        temp.write_bytes(b"half a write")
+        return temp.relative_to(store.root).as_posix()
 
 
 def test_open_store_resolves_the_path_beside_the_metadata(tmp_path: Path) -> None:
@@ -89,3 +97,44 @@ def test_a_store_root_that_is_a_file_is_a_storage_error(tmp_path: Path) -> None:
     root.write_text("not a folder")
     with pytest.raises(StorageError, match="cannot write"):
         LocalStore(root).put_file(write(tmp_path, "a", b"x"), "m/k.pt")
+
+
+def test_a_killed_write_is_a_leftover_and_only_it(tmp_path: Path) -> None:
+    """What a killed write leaves is what gc finds; stored objects and the marker never are."""
+    store = LocalStore(tmp_path / "s")
+    store.put_file(write(tmp_path, "a", b"x"), "m/k.pt")
+    stale = temp_path_beside(store.root / "m" / "k2.pt")
+    stale.write_bytes(b"partial")
+    old = time.time() - 3 * 86400
+    os.utime(stale, (old, old))
+    fresh = temp_path_beside(store.root / "m" / "k3.pt")
+    fresh.write_bytes(b"in flight")
+    (store.root / "m" / "notes.incomplete").write_bytes(b"not ours")  # not our temp name
+    (leftover,) = store.leftovers(timedelta(days=1))
+    assert leftover.name == stale.relative_to(store.root).as_posix()
+    assert leftover.size == len(b"partial")
+    assert abs(leftover.started_at.timestamp() - old) < 1
+    store.remove_leftover(leftover)
+    assert not stale.exists()
+    assert fresh.exists()
+    assert (store.root / "m" / "notes.incomplete").exists()
+
+
+@pytest.mark.parametrize(
+    "leftover",
+    [
+        Leftover("incomplete_file", "m/k.pt", 1, datetime.now(UTC)),
+        Leftover("incomplete_file", "../.k.pt.0123456789ab.incomplete", 1, datetime.now(UTC)),
+        Leftover("multipart_upload", "m/.k.pt.0123456789ab.incomplete", 1, datetime.now(UTC)),
+    ],
+    ids=["stored-object", "outside-the-root", "wrong-kind"],
+)
+def test_remove_leftover_never_removes_a_stored_object(tmp_path: Path, leftover: Leftover) -> None:
+    store = LocalStore(tmp_path / "s")
+    store.put_file(write(tmp_path, "a", b"x"), "m/k.pt")
+    outside = tmp_path / ".k.pt.0123456789ab.incomplete"
+    outside.write_bytes(b"y")
+    with pytest.raises((ValueError, UsageError)):
+        store.remove_leftover(leftover)
+    assert store.stat("m/k.pt") is not None
+    assert outside.exists()

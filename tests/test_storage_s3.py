@@ -6,6 +6,7 @@ import base64
 import hashlib
 import os
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,17 @@ class TestS3Contract(StorageContract):
     @pytest.fixture
     def store(self, s3_bucket: str, moto_endpoint: str) -> S3Store:
         return small_parts_store(s3_bucket, moto_endpoint)
+
+    def leave_leftover(self, store: S3Store, tmp_path: Path) -> str:
+        """A multipart upload with one part sent, never completed: a killed `nexus store`."""
+        leave_multipart_upload(store._client, store.bucket_name, "m/k.pt")
+        return "m/k.pt"
+
+
+def leave_multipart_upload(client: Any, bucket: str, key: str) -> str:
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=b"p" * 100)
+    return upload_id
 
 
 def payload(tmp_path: Path, name: str, size: int) -> tuple[Path, bytes]:
@@ -318,3 +330,30 @@ def test_an_upload_dropped_by_the_store_says_so(store: S3Store, tmp_path: Path) 
     _answer_once(store, "CompleteMultipartUpload", 404, "NoSuchUpload")
     with pytest.raises(StorageError, match="dropped the multipart upload"):
         store.put_file(source, "m/k.pt")
+
+
+# leftovers ------------------------------------------------------------------------------
+
+
+def test_leftovers_are_the_prefix_s_multipart_uploads(
+    s3_bucket: str, moto_endpoint: str, s3_client, tmp_path: Path
+) -> None:
+    """Only uploads under the store's prefix, each with its id and the bytes its parts hold;
+    aborting one leaves the others (and every stored object) alone."""
+    store = small_parts_store(s3_bucket, moto_endpoint, prefix="team")
+    store.put_file(write(tmp_path, "a", b"stored"), "m/k.pt")
+    ours = leave_multipart_upload(s3_client, s3_bucket, "team/m/k2.pt")
+    theirs = leave_multipart_upload(s3_client, s3_bucket, "other/m/k2.pt")
+    (leftover,) = store.leftovers(timedelta(0))
+    assert (leftover.kind, leftover.name) == ("multipart_upload", "m/k2.pt")
+    assert (leftover.upload_id, leftover.size) == (ours, 100)
+    store.remove_leftover(leftover)
+    remaining = s3_client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]
+    assert [u["UploadId"] for u in remaining] == [theirs]
+    assert [o.key for o in store.list()] == ["m/k.pt"]
+
+
+def test_listing_leftovers_when_denied_names_the_permission(store: S3Store) -> None:
+    _answer_once(store, "ListMultipartUploads", 403, "AccessDenied")
+    with pytest.raises(StorageError, match="s3:ListBucketMultipartUploads"):
+        list(store.leftovers(timedelta(0)))

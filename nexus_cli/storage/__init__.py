@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nexus_cli.config import StorageConfig
 from nexus_cli.errors import ConfigError
-from nexus_cli.storage.base import ObjectInfo, ObjectStore
+from nexus_cli.storage.base import Leftover, ObjectInfo, ObjectStore
 
 # provider -> ("module:Class", the extra that installs its SDK)
 BACKENDS: dict[str, tuple[str, str | None]] = {
@@ -17,7 +17,7 @@ BACKENDS: dict[str, tuple[str, str | None]] = {
     "gcs": ("nexus_cli.storage.gcs:GCSStore", "gcs"),
 }
 
-__all__ = ["BACKENDS", "ObjectInfo", "ObjectStore", "open_store"]
+__all__ = ["BACKENDS", "Leftover", "ObjectInfo", "ObjectStore", "open_store"]
 
 
 def open_store(config: StorageConfig, base_dir: Path) -> ObjectStore:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from nexus_cli.names import validate_storage_key
@@ -29,6 +30,24 @@ class ObjectInfo:
     key: str
     size: int
     sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something an interrupted upload left in a store: never a stored version.
+
+    ``kind`` is ``"multipart_upload"`` (S3: parts of an upload never completed or
+    aborted), ``"temporary_part"`` (GCS: a part object under ``.nexus-uploads/``) or
+    ``"incomplete_file"`` (local: a hidden ``.<name>.<random>.incomplete`` file).
+    ``name`` is the key, object name or path relative to the store root, as the store
+    names it; ``started_at`` is when the upload began (local: the file's last write), UTC.
+    """
+
+    kind: str
+    name: str
+    size: int | None
+    started_at: datetime
+    upload_id: str | None = None
 
 
 class ObjectStore(ABC):
@@ -69,6 +88,19 @@ class ObjectStore(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every complete object whose key starts with ``prefix``."""
+
+    @abstractmethod
+    def leftovers(self, older_than: timedelta) -> Iterator[Leftover]:
+        """What interrupted uploads left behind that is older than ``older_than``.
+
+        Never a complete object: only in-flight state that no reader can see. An upload
+        still running is at most as old as its last progress (local) or its start
+        (cloud), so an age longer than any upload takes spares the ones in flight.
+        """
+
+    @abstractmethod
+    def remove_leftover(self, leftover: Leftover) -> None:
+        """Remove one ``leftover`` this store listed; one already gone is not an error."""
 
     # shared behaviour, built on the primitives above ----------------------------------
 

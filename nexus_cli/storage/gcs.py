@@ -29,6 +29,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import requests
@@ -47,7 +48,7 @@ from nexus_cli.errors import (
     NotFoundError,
     StorageError,
 )
-from nexus_cli.storage.base import ObjectInfo
+from nexus_cli.storage.base import Leftover, ObjectInfo
 from nexus_cli.storage.bucket import BucketStore, MiB, one_line
 from nexus_cli.transfer import (
     Digest,
@@ -78,6 +79,8 @@ _PERMISSIONS = {
     "write": "storage.objects.create and storage.objects.delete",
     "list": "storage.objects.list",
     "delete": "storage.objects.delete",
+    "list uploads in": "storage.objects.list",
+    "remove": "storage.objects.delete",
 }
 _CREDENTIALS_HINT = (
     "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, run "
@@ -422,3 +425,21 @@ class GCSStore(BucketStore):
                 key = self._key(blob.name)
                 if not key.startswith(f"{TEMP_ROOT}/"):
                     yield ObjectInfo(key=key, size=blob.size or 0)
+
+    def leftovers(self, older_than: timedelta) -> Iterator[Leftover]:
+        """Temporary parts under ``.nexus-uploads/`` created before the cutoff: what a
+        composite upload leaves when it is killed before it cleans up."""
+        cutoff = datetime.now(UTC) - older_than
+        with self._translated("list uploads in"):
+            for blob in self._client.list_blobs(
+                self._bucket, prefix=f"{self._root}{TEMP_ROOT}/", retry=RETRY
+            ):
+                created = (blob.time_created or datetime.now(UTC)).astimezone(UTC)
+                if created < cutoff:
+                    yield Leftover("temporary_part", self._key(blob.name), blob.size, created)
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        if leftover.kind != "temporary_part" or not leftover.name.startswith(f"{TEMP_ROOT}/"):
+            raise ValueError(f"{leftover.name} is not a temporary part")
+        with self._translated("remove", leftover.name), contextlib.suppress(api_errors.NotFound):
+            self._bucket.blob(self._name(leftover.name)).delete(retry=RETRY)

@@ -6,14 +6,21 @@ import contextlib
 import errno
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
 from nexus_cli.config import StorageConfig
 from nexus_cli.errors import NotFoundError, ObjectExistsError, StorageError
-from nexus_cli.files import INCOMPLETE_SUFFIX, fsync_dir, make_ignored_dir, temp_path_beside
+from nexus_cli.files import (
+    INCOMPLETE_SUFFIX,
+    fsync_dir,
+    is_temp_file,
+    make_ignored_dir,
+    temp_path_beside,
+)
 from nexus_cli.names import validate_storage_key
-from nexus_cli.storage.base import ObjectInfo, ObjectStore
+from nexus_cli.storage.base import Leftover, ObjectInfo, ObjectStore
 from nexus_cli.transfer import (
     Digest,
     Progress,
@@ -139,3 +146,42 @@ class LocalStore(ObjectStore):
                 if key.startswith(prefix):
                     with contextlib.suppress(FileNotFoundError):
                         yield ObjectInfo(key=key, size=path.stat().st_size)
+
+    def leftovers(self, older_than: timedelta) -> Iterator[Leftover]:
+        """Temp files of writes that never finished (killed), last written before the cutoff.
+
+        A write in progress touches its temp file with every chunk, so its age is the
+        time since it last made progress.
+        """
+        if not self.root.is_dir():
+            return
+        cutoff = datetime.now(UTC) - older_than
+        try:
+            for directory, subdirs, files in os.walk(self.root):
+                subdirs.sort()
+                for name in sorted(files):
+                    if not is_temp_file(name):
+                        continue
+                    path = Path(directory, name)
+                    try:
+                        result = path.stat()
+                    except FileNotFoundError:  # finished or removed meanwhile
+                        continue
+                    written = datetime.fromtimestamp(result.st_mtime, UTC)
+                    if written < cutoff:
+                        relative = path.relative_to(self.root).as_posix()
+                        yield Leftover("incomplete_file", relative, result.st_size, written)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot list leftovers in the local store {self.root}: {exc.strerror}"
+            ) from exc
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        path = self.root / leftover.name
+        if leftover.kind != "incomplete_file" or not is_temp_file(path):
+            raise ValueError(f"{leftover.name} is not a leftover of the local store")
+        validate_storage_key(leftover.name)  # never outside the root
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise self._storage_error("remove", leftover.name, exc) from exc

@@ -23,6 +23,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from nexus_cli.errors import (
     NotFoundError,
     StorageError,
 )
-from nexus_cli.storage.base import ObjectInfo
+from nexus_cli.storage.base import Leftover, ObjectInfo
 from nexus_cli.storage.bucket import BucketStore, MiB, one_line
 from nexus_cli.transfer import (
     Digest,
@@ -95,6 +96,8 @@ _PERMISSIONS = {
     "write": "s3:PutObject and s3:AbortMultipartUpload",
     "list": "s3:ListBucket",
     "delete": "s3:DeleteObject",
+    "list uploads in": "s3:ListBucketMultipartUploads",
+    "abort an upload to": "s3:AbortMultipartUpload",
 }
 _CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), or AWS_PROFILE, "
@@ -483,3 +486,47 @@ class S3Store(BucketStore):
             for page in pages:
                 for item in page.get("Contents", []):
                     yield ObjectInfo(key=self._key(item["Key"]), size=item["Size"])
+
+    def leftovers(self, older_than: timedelta) -> Iterator[Leftover]:
+        """Multipart uploads under the prefix that were started before the cutoff and
+        never completed or aborted (a killed `nexus store`): S3 keeps and bills their parts."""
+        cutoff = datetime.now(UTC) - older_than
+        with self._translated("list uploads in"):
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket_name, Prefix=self._root
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    started = upload["Initiated"].astimezone(UTC)
+                    if started < cutoff:
+                        yield Leftover(
+                            "multipart_upload",
+                            self._key(upload["Key"]),
+                            self._uploaded_bytes(upload["Key"], upload["UploadId"]),
+                            started,
+                            upload["UploadId"],
+                        )
+
+    def _uploaded_bytes(self, name: str, upload_id: str) -> int | None:
+        """What the upload's parts hold, or ``None`` when the store will not say."""
+        try:
+            pages = self._client.get_paginator("list_parts").paginate(
+                Bucket=self.bucket_name, Key=name, UploadId=upload_id
+            )
+            return sum(part["Size"] for page in pages for part in page.get("Parts", []))
+        except (ClientError, BotoCoreError):
+            return None
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        if leftover.kind != "multipart_upload" or not leftover.upload_id:
+            raise ValueError(f"{leftover.name} is not a multipart upload")
+        with self._translated("abort an upload to", leftover.name):
+            try:
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket_name,
+                    Key=self._root + leftover.name,
+                    UploadId=leftover.upload_id,
+                )
+            except ClientError as exc:
+                if _error_code(exc)[0] != "NoSuchUpload":  # gone already: done
+                    raise
