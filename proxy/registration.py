@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/nexus/services/nexus-proxy/"
 DEFAULT_TTL_S = 10.0
-#: etcd refuses leases shorter than this; a shorter TTL would also leave no room for a keepalive
-MIN_TTL_S = 2.0
+#: a shorter lease would leave no room for a keepalive (etcd itself raises a TTL of 1 s
+#: to its minimum, 1.5 election timeouts: about 2 s with the default settings)
+MIN_TTL_S = 1.0
 _REQUEST_TIMEOUT_S = 3.0
 _STOP_TIMEOUT_S = 2.0
 _MAX_RETRY_DELAY_S = 10.0

@@ -269,8 +269,8 @@ def test_default_instance_ids_differ() -> None:
         ({"NEXUS_ETCD_ENDPOINTS": "http://e:2379"}, "NEXUS_ADVERTISE_URL is required"),
         ({"NEXUS_ADVERTISE_URL": "h:8080"}, "must start with http"),
         ({"NEXUS_ADVERTISE_URL": "http://h:8080", "NEXUS_ETCD_TTL_S": "ten"}, "NEXUS_ETCD_TTL_S"),
-        ({"NEXUS_ADVERTISE_URL": "http://h:8080", "NEXUS_ETCD_TTL_S": "0.5"}, "at least 2"),
-        ({"NEXUS_ADVERTISE_URL": "http://h:8080", "NEXUS_ETCD_TTL_S": "nan"}, "at least 2"),
+        ({"NEXUS_ADVERTISE_URL": "http://h:8080", "NEXUS_ETCD_TTL_S": "0.5"}, "at least 1"),
+        ({"NEXUS_ADVERTISE_URL": "http://h:8080", "NEXUS_ETCD_TTL_S": "nan"}, "at least 1"),
         ({"NEXUS_ADVERTISE_URL": "http://h:8080", "NEXUS_INSTANCE_ID": "a/b"}, "instance id"),
     ],
 )
