@@ -1,5 +1,9 @@
 """NexusML model server: loads the latest recorded weights and runs batched inference.
 
-Not built yet: it arrives with the data-plane issue. Only the package exists so the
-distribution's layout matches the contract.
+    NEXUS_META=.nexus_meta.json nexus-model-server      # or: python -m model_server
+
+Modules, in the order a request meets them: ``settings`` (every NEXUS_* variable),
+``app`` (routes), ``codec`` (JSON <-> arrays), ``runner`` (the device queue),
+``manager`` (which model serves; reload), ``loading`` (metadata -> verified weights ->
+module on the device), ``metrics``; ``demo`` holds the demo networks and factories.
 """

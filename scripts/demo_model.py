@@ -1,42 +1,44 @@
-"""Write a small TorchScript model (8 features in, 2 scores out) for the demo.
+"""Write a demo model (8 features in, 2 scores out) in any format the model server loads.
 
-    python scripts/demo_model.py OUT.pt --seed 1
+    python scripts/demo_model.py OUT.pt --seed 1                      # TorchScript
+    python scripts/demo_model.py OUT.pt2 --seed 1 --format torch_export
+    python scripts/demo_model.py OUT.pt --format state_dict           # + a factory, below
+    python scripts/demo_model.py OUT.safetensors --format safetensors # + a factory, below
+    python scripts/demo_model.py big.pt --format state_dict --size big
 
-Different seeds give different weights, so two "training runs" give two versions.
+state_dict and safetensors weights are served with NEXUS_MODEL_FACTORY set to
+model_server.demo:build_model (tiny), build_small_mlp (small) or build_mlp (big: about
+285 MB of fp32 weights, 1024 features in, 16 out).
+
+Different seeds give different weights, so two "training runs" give two versions. The
+networks and their factories live in ``model_server/demo.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 import torch
+from model_server.demo import FORMATS, build_mlp, build_model, build_small_mlp, save
 
-
-class TinyClassifier(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+BUILDERS = {"tiny": build_model, "small": build_small_mlp, "big": build_mlp}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=FORMATS, default="torchscript")
+    parser.add_argument(
+        "--size",
+        choices=sorted(BUILDERS),
+        default="tiny",
+        help="tiny: 8->2 classifier; small: ~5 MB MLP; big: ~285 MB MLP (1024 features in)",
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    model = TinyClassifier().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice
-        traced = torch.jit.trace(model, torch.zeros(1, 8))
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        torch.jit.save(traced, str(args.output))
+    save(BUILDERS[args.size](), args.output, args.format)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""JSON body <-> numpy batches: the hot path of every request, with no loop over numbers.
+
+Decoding tries the whole batch as one array first (orjson parses, numpy converts in C);
+only when that fails (ragged samples, a wrong value somewhere) does it look at the
+samples one by one, to group them by shape or to say which one is wrong and why.
+Encoding hands numpy arrays straight to orjson, which writes them in C.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from nexus_cli.serving import (
+    BadRequest,
+    InvalidInput,
+    PayloadTooLarge,
+    TensorSpec,
+    check_sample,
+    shape_matches,
+)
+
+_LITERALS = (b"true", b"false", b"null")
+_MAX_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class Group:
+    """Samples that share a shape, stacked: ``indices[i]`` is the position of row ``i``
+    in the request (``None``: the whole request, in order)."""
+
+    array: np.ndarray
+    indices: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    count: int
+    groups: list[Group]
+
+
+def parse_body(body: bytes) -> list[Any]:
+    """The ``inputs`` list of a ``{"inputs": [...]}`` body."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(document, dict) or "inputs" not in document:
+        raise BadRequest('the body must be a JSON object {"inputs": [sample, ...]}')
+    inputs = document["inputs"]
+    if not isinstance(inputs, list):
+        raise BadRequest('"inputs" must be a list of samples')
+    return inputs
+
+
+def decode_batch(body: bytes, spec: TensorSpec, max_batch: int) -> Batch:
+    """Parse, check and group the samples of a ``/predict/batch`` body.
+
+    ``InvalidInput`` (422) names the first bad sample and what is wrong with it.
+    """
+    inputs = parse_body(body)
+    count = len(inputs)
+    if count == 0:
+        raise InvalidInput("inputs: empty batch; send at least one sample", code="empty_batch")
+    if count > max_batch:
+        raise PayloadTooLarge(
+            f"inputs: {count} samples; this server takes at most {max_batch} per request "
+            "(NEXUS_SERVER_MAX_BATCH)",
+            code="batch_too_large",
+        )
+    if spec.dtype.kind != "b" and any(literal in body for literal in _LITERALS):
+        _refuse_literals(inputs, spec)
+    whole = _whole_batch(inputs, spec)
+    if whole is not None:
+        return Batch(count, [Group(whole)])
+    return Batch(count, _grouped(inputs, spec))
+
+
+def _whole_batch(inputs: list[Any], spec: TensorSpec) -> np.ndarray | None:
+    """The batch as one checked array when every sample has the same valid shape, else None."""
+    try:
+        raw = np.asarray(inputs)
+    except (ValueError, TypeError, RecursionError):
+        return None  # ragged: samples of several shapes, or junk
+    if raw.dtype.kind not in "iufb" or raw.ndim < 1:
+        return None
+    if spec.shape is not None and (
+        raw.ndim != 1 + len(spec.shape) or not shape_matches(raw.shape[1:], spec.shape)
+    ):
+        return None
+    batch_spec = TensorSpec(spec.name, spec.datatype, None)
+    try:
+        return np.ascontiguousarray(check_sample(raw, batch_spec, "inputs"))
+    except InvalidInput:
+        return None  # a bad value somewhere: find it sample by sample
+
+
+def _grouped(inputs: list[Any], spec: TensorSpec) -> list[Group]:
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    arrays: list[np.ndarray] = []
+    for index, sample in enumerate(inputs):
+        array = check_sample(sample, spec, f"inputs[{index}]")
+        arrays.append(array)
+        by_shape.setdefault(array.shape, []).append(index)
+    return [Group(np.stack([arrays[i] for i in indices]), indices) for indices in by_shape.values()]
+
+
+def _refuse_literals(inputs: list[Any], spec: TensorSpec) -> None:
+    """Refuse a sample holding ``true``, ``false`` or ``null`` (the raw body mentions one).
+
+    numpy would turn ``[1, true]`` into ``[1, 1]`` without a word, so booleans among
+    numbers must be caught before conversion. Only runs when the bytes hold a literal.
+    """
+    for index, sample in enumerate(inputs):
+        found = _find_literal(sample, 0)
+        if found is not None:
+            raise InvalidInput(f"inputs[{index}]: expected numbers ({spec.datatype}), got {found}")
+
+
+def _find_literal(value: Any, depth: int) -> str | None:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        if depth >= _MAX_DEPTH:
+            return f"lists nested deeper than {_MAX_DEPTH} levels"
+        for item in value:
+            found = _find_literal(item, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def check_outputs(batch: Batch, outputs: list[np.ndarray]) -> None:
+    """A non-finite output is an error for this request (422 ``non_finite_output``)."""
+    for group, output in zip(batch.groups, outputs, strict=True):
+        if output.dtype.kind != "f" or np.isfinite(output).all():
+            continue
+        bad = output.reshape(len(output), -1)
+        row = int(np.flatnonzero(~np.isfinite(bad).all(axis=1))[0])
+        index = group.indices[row] if group.indices is not None else row
+        raise InvalidInput(
+            f"outputs[{index}]: the model produced a non-finite number (NaN or infinity) "
+            f"for inputs[{index}]",
+            code="non_finite_output",
+        )
+
+
+def encode_outputs(batch: Batch, outputs: list[np.ndarray], model: dict[str, str]) -> bytes:
+    """``{"outputs": [...], "model": {...}}`` with the outputs in request order."""
+    if len(batch.groups) == 1 and batch.groups[0].indices is None:
+        ordered: Any = np.ascontiguousarray(outputs[0])
+    else:
+        ordered = [None] * batch.count
+        for group, output in zip(batch.groups, outputs, strict=True):
+            rows = np.ascontiguousarray(output)
+            for row, index in enumerate(group.indices or range(len(rows))):
+                ordered[index] = rows[row]
+    document = {"outputs": ordered, "model": model}
+    try:
+        return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:  # a dtype orjson does not write natively
+        return orjson.dumps(document, default=lambda value: value.tolist())
