@@ -14,32 +14,55 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import stat
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nexus_cli.config import StorageConfig, load_config, render_config
 from nexus_cli.errors import (
+    ConfigError,
     ConflictError,
     GitError,
     NotFoundError,
     ObjectExistsError,
     UsageError,
 )
-from nexus_cli.files import atomic_write_text, make_ignored_dir
-from nexus_cli.formats import detect_format
-from nexus_cli.gitrepo import GitRepo
-from nexus_cli.metadata import Metadata, VersionRecord, edit_metadata
-from nexus_cli.names import file_extension, storage_key, validate_model_name
+from nexus_cli.files import (
+    atomic_write_text,
+    describe_file_type,
+    make_ignored_dir,
+    replaceable_target,
+)
+from nexus_cli.gitrepo import GitRepo, find_worktree_root, holds_tracked_files, worktree_root
+from nexus_cli.metadata import Metadata, VersionRecord, edit_metadata, merge_metadata
+from nexus_cli.names import (
+    file_extension,
+    refuse_control_chars,
+    storage_key,
+    validate_model_name,
+)
 from nexus_cli.signature import validate_signature
-from nexus_cli.storage import ObjectStore, open_store
-from nexus_cli.transfer import Digest, Progress, hash_file
+
+if TYPE_CHECKING:
+    from nexus_cli.storage import ObjectStore
+    from nexus_cli.storage.base import Leftover
+    from nexus_cli.transfer import Digest
+
+#: ``progress(count)`` is told how many more bytes moved (``nexus_cli.transfer.Progress``)
+Progress = Callable[[int], None]
 
 META_FILENAME = ".nexus_meta.json"
 CONFIG_FILENAME = ".nexusrc"
+GITATTRIBUTES_FILENAME = ".gitattributes"
+MERGE_DRIVER_NAME = "nexus-meta"
+#: the one command that enables the merge driver `nexus init` declares in .gitattributes
+MERGE_DRIVER_SETUP = f'git config merge.{MERGE_DRIVER_NAME}.driver "nexus merge-driver %O %A %B"'
 
 #: ``reporter(description, total_bytes)`` returns a context that yields a progress callback
 ProgressReporter = Callable[[str, int], AbstractContextManager[Progress]]
@@ -72,6 +95,26 @@ class RollbackResult:
 
 
 @dataclass(frozen=True)
+class GcResult:
+    """What ``Project.gc`` found (and removed, unless ``dry_run``)."""
+
+    leftovers: list[Leftover]
+    dry_run: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(leftover.size or 0 for leftover in self.leftovers)
+
+
+@dataclass(frozen=True)
+class InitResult:
+    config_path: Path
+    meta_path: Path
+    #: the `.gitattributes` init created or extended, ``None`` when it already had the line
+    gitattributes_path: Path | None
+
+
+@dataclass(frozen=True)
 class VerifyResult:
     """How one recorded version compares with the bytes the store holds."""
 
@@ -88,18 +131,87 @@ def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
     for name, value in metrics.items():
         if not name or not isinstance(value, int | float) or not math.isfinite(value):
             raise UsageError(f"metric {name!r}: give a name and a finite number, like acc=0.93")
+        refuse_control_chars(name, f"metric name {name!r}")
     return dict(metrics)
+
+
+def _check_readable_file(source: Path) -> None:
+    """Refuse an input that is not a regular file or cannot be read (exit 2, naming it)."""
+    if not source.is_file():  # checked before open(): opening a FIFO would block
+        raise UsageError(f"{source} is not a file")
+    try:
+        with open(source, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from exc
+
+
+def _check_output_target(target: Path) -> None:
+    """Refuse a download target that must not be replaced or cannot be written, before I/O.
+
+    An existing target must be a regular file: a FIFO, a device (``/dev/null``), a
+    symbolic link or a folder is never replaced by the download.
+    """
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        pass
+    except NotADirectoryError:
+        mode = None  # a parent is a file: said below
+    else:
+        if not stat.S_ISREG(mode):
+            raise UsageError(
+                f"refusing to write {target}: it is {describe_file_type(mode)}, "
+                "not a regular file (remove it or choose another -o)"
+            )
+    folder = target.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {target}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {target}: {folder} is not writable")
+
+
+def check_local_store_root(root: Path, meta_dir: Path) -> None:
+    """Refuse a local store folder that would hide tracked work from git.
+
+    The store writes a `.gitignore` of ``*`` at its root, so a store at the repository
+    root, around the repository, or in a folder git tracks files in would make git
+    ignore the user's own files.
+    """
+    repo = find_worktree_root(meta_dir.resolve())
+    if repo is not None and (repo == root or repo.is_relative_to(root)):
+        raise ConfigError(
+            f"the local store path {root} is the git repository or holds it; "
+            "choose a folder of its own, like .nexus/store"
+        )
+    inside = find_worktree_root(root)
+    if inside is not None and (inside == root or holds_tracked_files(inside, root)):
+        raise ConfigError(
+            f"the local store path {root} holds files git tracks; "
+            "choose a folder of its own, like .nexus/store"
+        )
 
 
 class Project:
     """One `.nexus_meta.json`, its `.nexusrc`, and the store they point to."""
 
     def __init__(
-        self, meta_path: Path, config_path: Path | None = None, *, environ: dict | None = None
+        self,
+        meta_path: Path,
+        config_path: Path | None = None,
+        *,
+        environ: dict | None = None,
+        on_wait: Callable[[Path], None] | None = None,
     ) -> None:
         self.meta_path = Path(meta_path).absolute()
+        #: a config the caller named must exist; the default one may be missing
+        self._config_named = config_path is not None
         self.config_path = Path(config_path or self.meta_path.parent / CONFIG_FILENAME).absolute()
         self._environ = environ
+        #: told when another process holds the metadata lock for more than a second
+        self.on_wait = on_wait
 
     @classmethod
     def open(
@@ -108,24 +220,41 @@ class Project:
         config: Path | str | None = None,
         *,
         cwd: Path | None = None,
+        require_meta: bool = False,
+        on_wait: Callable[[Path], None] | None = None,
     ) -> Project:
-        """Find the project: ``meta`` if given, else `.nexus_meta.json` at the git root."""
+        """Find the project: ``meta`` if given, else `.nexus_meta.json` at the git root.
+
+        A ``config`` given here must exist. With ``require_meta``, so must a ``meta``
+        given here (a typo must not read as an empty registry).
+        """
         if meta is None:
-            meta = GitRepo.discover(cwd).root / META_FILENAME
-        project = cls(Path(meta), Path(config) if config else None)
+            meta = worktree_root(cwd) / META_FILENAME
+        elif require_meta and not Path(meta).exists():
+            raise UsageError(f"metadata file {meta} does not exist")
+        project = cls(Path(meta), Path(config) if config else None, on_wait=on_wait)
         _ = project.config  # a bad or secret-holding .nexusrc is refused by every command
         return project
 
     @cached_property
     def config(self) -> StorageConfig:
-        return load_config(self.config_path, self._environ)
+        return load_config(self.config_path, self._environ, must_exist=self._config_named)
 
     @cached_property
     def store_backend(self) -> ObjectStore:
+        from nexus_cli.storage import open_store  # imported here: backends load their SDKs
+
+        if self.config.provider == "local":
+            check_local_store_root(
+                (self.meta_path.parent / self.config.path).resolve(), self.meta_path.parent
+            )
         return open_store(self.config, self.meta_path.parent)
 
     def metadata(self) -> Metadata:
         return Metadata.read(self.meta_path)
+
+    def _edit(self, *, lenient_latest: bool = False) -> AbstractContextManager[Metadata]:
+        return edit_metadata(self.meta_path, lenient_latest=lenient_latest, on_wait=self.on_wait)
 
     # store -----------------------------------------------------------------------------
 
@@ -144,11 +273,13 @@ class Project:
     ) -> StoreResult:
         """Upload ``file`` as the version of ``model_name`` at the current commit."""
         validate_model_name(model_name)
+        refuse_control_chars(message, "the message")
         metrics = _check_metrics(metrics or {})
         signature = validate_signature(signature) if signature is not None else None
         source = Path(file)
-        if not source.is_file():
-            raise UsageError(f"{source} is not a file")
+        _check_readable_file(source)
+
+        from nexus_cli.formats import detect_format
 
         repo = GitRepo.discover(self.meta_path.parent)
         commit = repo.head_commit()
@@ -180,15 +311,24 @@ class Project:
             message=message,
             metrics=metrics,
         )
-        with edit_metadata(self.meta_path) as metadata:
-            self._refuse_other_object(metadata, model_name, commit, key, force)
-            existing = metadata.get(model_name, commit)
-            if existing is not None and existing.sha256 == record.sha256:
-                record.created_at, record.created_by = existing.created_at, existing.created_by
-                record.message = message or existing.message
-                record.metrics = metrics or existing.metrics
-                record.signature = signature or existing.signature
-            metadata.put(record, make_latest=make_latest)
+        try:
+            with self._edit() as metadata:
+                self._refuse_other_object(metadata, model_name, commit, key, force)
+                existing = metadata.get(model_name, commit)
+                if existing is not None and existing.sha256 == record.sha256:
+                    record.created_at = existing.created_at
+                    record.created_by = existing.created_by
+                    record.message = message or existing.message
+                    record.metrics = metrics or existing.metrics
+                    record.signature = signature or existing.signature
+                metadata.put(record, make_latest=make_latest)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot write the metadata {self.meta_path} ({exc.strerror}: "
+                f"{exc.filename or self.meta_path}); the object IS uploaded to "
+                f"{self.store_backend.describe()}/{key}, so running the same command again "
+                "once the folder is writable records it without uploading again"
+            ) from exc
         return StoreResult(record, uploaded)
 
     @staticmethod
@@ -207,6 +347,8 @@ class Project:
         self, source: Path, key: str, force: bool, progress: ProgressReporter
     ) -> tuple[bool, Digest]:
         """Put ``source`` at ``key`` unless the same bytes are there; (uploaded, digest)."""
+        from nexus_cli.transfer import hash_file
+
         store = self.store_backend
         size = source.stat().st_size
         info = store.stat(key)
@@ -219,7 +361,7 @@ class Project:
         else:
             with progress(f"hashing {source.name}", size) as advance:
                 ours = hash_file(source, advance)
-        if self._stored_matches(key, ours, progress):
+        if self._stored_matches(key, ours, progress, trust_record=not force):
             return False, ours
         if not force:
             raise ConflictError(
@@ -229,11 +371,14 @@ class Project:
         with progress(f"uploading {source.name}", size) as advance:
             return True, store.put_file(source, key, if_absent=False, progress=advance)
 
-    def _stored_matches(self, key: str, ours: Digest, progress: ProgressReporter) -> bool:
+    def _stored_matches(
+        self, key: str, ours: Digest, progress: ProgressReporter, *, trust_record: bool = True
+    ) -> bool:
         """Whether the object at ``key`` holds exactly the bytes ``ours`` describes.
 
         A record of this very key with the same size vouches for the stored bytes (as in
-        DVC; `nexus verify` re-reads them); otherwise the store's bytes are hashed.
+        DVC; `nexus verify` re-reads them), unless ``trust_record`` is false (``--force``
+        is how a corrupted object gets repaired); otherwise the store's bytes are hashed.
         """
         store = self.store_backend
         info = store.stat(key)
@@ -250,7 +395,12 @@ class Project:
             ),
             None,
         )
-        if recorded is not None and recorded.size_bytes == info.size and not info.sha256:
+        if (
+            trust_record
+            and recorded is not None
+            and recorded.size_bytes == info.size
+            and not info.sha256
+        ):
             return recorded.sha256 == ours.sha256
         with progress(f"checking stored {key}", info.size) as advance:
             return store.content_digest(key, progress=advance) == ours
@@ -264,9 +414,13 @@ class Project:
         return [v for name in names for v in reversed(metadata.versions(name))]
 
     def resolve(self, model_name: str, commit: str | None = None) -> VersionRecord:
-        """The latest version of ``model_name``, or the one at ``commit`` (a prefix will do)."""
+        """The latest version of ``model_name``, or the one at ``commit`` (a prefix will do).
+
+        An empty ``commit`` is an error, not "the latest": ``--commit "$SHA"`` with an
+        unset variable must not load another model.
+        """
         metadata = self.metadata()
-        return metadata.find(model_name, commit) if commit else metadata.latest(model_name)
+        return metadata.latest(model_name) if commit is None else metadata.find(model_name, commit)
 
     def load(
         self,
@@ -276,12 +430,19 @@ class Project:
         output: Path | str | None = None,
         progress: ProgressReporter = silent_progress,
     ) -> LoadResult:
-        """Download a version; the file appears only once its size and sha256 match."""
+        """Download a version; the file appears only once its size and sha256 match.
+
+        ``output`` may be a folder (the file goes inside under its default name); an
+        existing file there that is not a regular file is never replaced.
+        """
         record = self.resolve(model_name, commit)
         default_name = f"{record.model_name}-{record.short_commit}{Path(record.storage_uri).suffix}"
         target = Path(output) if output else Path.cwd() / default_name
-        if target.is_dir():
+        if target.is_dir() and not target.is_symlink():
             target = target / default_name
+        elif target.is_dir():  # a link to a folder: the folder is what the user means
+            target = target.resolve() / default_name
+        _check_output_target(target)
         self.fetch(record, target, progress=progress)
         return LoadResult(
             record.model_name,
@@ -295,17 +456,43 @@ class Project:
         self, record: VersionRecord, target: Path, *, progress: ProgressReporter = silent_progress
     ) -> Path:
         """Download exactly the bytes ``record`` describes to ``target`` (verified, atomic)."""
+        from nexus_cli.transfer import Digest
+
         expected = Digest(record.sha256, record.size_bytes)
         with progress(
             f"downloading {record.model_name}@{record.short_commit}", expected.size
         ) as advance:
-            self.store_backend.get_file(record.storage_uri, target, expected, progress=advance)
+            try:
+                self.store_backend.get_file(record.storage_uri, target, expected, progress=advance)
+            except OSError as exc:  # backends translate their own errors: this is the target
+                raise UsageError(
+                    f"cannot write {exc.filename or target}: {exc.strerror or exc}"
+                ) from exc
         return target
 
+    def fetch_cached(
+        self,
+        record: VersionRecord,
+        cache_dir: Path | None = None,
+        *,
+        progress: ProgressReporter = silent_progress,
+    ) -> Path:
+        """The verified local copy of ``record`` in the cache (keyed by sha256).
+
+        Fetched on a miss; the model server uses it.
+        """
+        from nexus_cli.cache import fetch_cached
+
+        return fetch_cached(self, record, cache_dir, progress=progress)
+
     def rollback(self, model_name: str, *, to: str | None = None) -> RollbackResult:
-        """Make the version before the latest (or the one at ``to``) the latest."""
+        """Make the version before the latest (or the one at ``to``) the latest.
+
+        With ``to``, a file whose model has several latest versions (two branches merged
+        without the merge driver) is read anyway: naming the one to keep repairs it.
+        """
         validate_model_name(model_name)
-        with edit_metadata(self.meta_path) as metadata:
+        with self._edit(lenient_latest=to is not None) as metadata:
             versions = metadata.versions(model_name)
             current = metadata.latest(model_name)
             if to is not None:
@@ -356,6 +543,68 @@ class Project:
                 results.append(VerifyResult(record, "ok"))
         return results
 
+    # housekeeping -----------------------------------------------------------------------
+
+    def gc(self, older_than: timedelta = timedelta(days=1), *, dry_run: bool = False) -> GcResult:
+        """Remove what interrupted uploads left in the store, older than ``older_than``.
+
+        Only in-flight state (incomplete multipart uploads, temporary parts, local
+        ``.incomplete`` files) is touched, never a stored version: other branches'
+        metadata may name any object, so complete objects are never collected.
+        """
+        if older_than < timedelta(0):
+            raise UsageError("the age for gc must not be negative")
+        store = self.store_backend
+        found = list(store.leftovers(older_than))
+        if not dry_run:
+            for leftover in found:
+                store.remove_leftover(leftover)
+        return GcResult(found, dry_run)
+
+
+def merge_metadata_files(base: Path, ours: Path, theirs: Path) -> Metadata:
+    """The git merge driver: merge three versions of a registry and write it to ``ours``.
+
+    Git passes the common ancestor, our side and their side as temporary files (%O %A
+    %B) and takes the result from ``ours``. An empty or missing file is an empty
+    registry (a registry added on both branches has no ancestor). Either side may hold
+    several latest versions (a merge made before the driver was set up); the rule in
+    ``merge_metadata`` picks one. A real conflict raises ``ConflictError`` and leaves
+    ``ours`` as it was.
+    """
+
+    def read(path: Path) -> Metadata:
+        if not path.exists() or path.stat().st_size == 0:
+            return Metadata()
+        return Metadata.read(path, lenient_latest=True)
+
+    merged = merge_metadata(read(base), read(ours), read(theirs))
+    merged.write(ours)
+    return merged
+
+
+def declare_merge_driver(meta_path: Path) -> Path | None:
+    """Add the `.gitattributes` line that routes ``meta_path`` to the nexus merge driver.
+
+    Idempotent: returns the file when it was created or extended, ``None`` when it
+    already had the line.
+    """
+    path = meta_path.parent / GITATTRIBUTES_FILENAME
+    line = f"{meta_path.name} merge={MERGE_DRIVER_NAME}"
+    try:
+        current = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        current = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from exc
+    for existing in current.splitlines():
+        words = existing.split()
+        if words[:1] == [meta_path.name] and f"merge={MERGE_DRIVER_NAME}" in words[1:]:
+            return None
+    separator = "" if not current or current.endswith("\n") else "\n"
+    atomic_write_text(path, f"{current}{separator}{line}\n")
+    return path
+
 
 def init_project(
     directory: Path,
@@ -364,17 +613,31 @@ def init_project(
     force: bool = False,
     meta_path: Path | None = None,
     config_path: Path | None = None,
-) -> tuple[Path, Path]:
-    """Write `.nexusrc` and an empty `.nexus_meta.json` (kept if it exists) in ``directory``."""
+) -> InitResult:
+    """Write `.nexusrc`, an empty `.nexus_meta.json` (kept if it exists) and the
+    `.gitattributes` line of the merge driver in ``directory``.
+
+    All or nothing: everything that can be refused (an existing `.nexusrc`, an invalid
+    existing registry, a store folder inside the tracked tree, a target that is not a
+    regular file) is checked before the first write.
+    """
     meta_path = meta_path or directory / META_FILENAME
     config_path = config_path or meta_path.parent / CONFIG_FILENAME
     if config_path.exists() and not force:
         raise UsageError(f"{config_path} already exists", hint="pass --force to overwrite it")
-    atomic_write_text(config_path, render_config(config))
-    if not meta_path.exists():
-        Metadata().write(meta_path)
-    else:
-        Metadata.read(meta_path)  # an existing registry is kept, but must be valid
+    Metadata.read(meta_path)  # an existing registry is kept, but must be valid
+    store_root = (meta_path.parent / config.path).resolve()
     if config.provider == "local":
-        make_ignored_dir((meta_path.parent / config.path).resolve())
-    return config_path, meta_path
+        check_local_store_root(store_root, meta_path.parent)
+    for target in (config_path, meta_path, meta_path.parent / GITATTRIBUTES_FILENAME):
+        replaceable_target(target)
+    try:
+        atomic_write_text(config_path, render_config(config))
+        if not meta_path.exists():
+            Metadata().write(meta_path)
+        gitattributes = declare_merge_driver(meta_path)
+        if config.provider == "local":
+            make_ignored_dir(store_root)
+    except OSError as exc:
+        raise UsageError(f"cannot write {exc.filename or directory}: {exc.strerror}") from exc
+    return InitResult(config_path, meta_path, gitattributes)

@@ -1,32 +1,38 @@
 """`nexus`: the command line over the Python API. Parse, call, render; nothing else.
 
-Every command takes ``--json`` (machine output only on stdout), ``--meta``,
-``--config`` and ``--debug`` after its name, and exits with the code of the error
-it met (see ``nexus_cli.errors``).
+Every command is declared with ``@command``, which gives it the shared options
+(``--json``, ``--debug``, and for commands on a project ``--meta`` and ``--config``),
+an ``Output``, and the mapping of each error to one line and the exit code of its
+class (see ``nexus_cli.errors``). A command body returns a ``Reply``: the JSON payload
+and how to render it for a person.
+
+Startup time matters (``nexus --help`` runs in CI logs and shells): this module imports
+only Typer. The API, git, storage SDKs and Rich (``console``) are imported by the
+commands that use them.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.exceptions import TyperException
 
-from nexus_cli import console
-from nexus_cli.api import ProgressReporter, Project, init_project, silent_progress
-from nexus_cli.config import StorageConfig, resolve_config
+from nexus_cli import __version__
 from nexus_cli.errors import NexusError, UsageError
-from nexus_cli.gitrepo import GitRepo
-from nexus_cli.names import validate_model_name
-from nexus_cli.signature import parse_signature_json, signature_from_input_shape
-from nexus_cli.transfer import release_freed_buffers_early
+
+if TYPE_CHECKING:
+    from nexus_cli.api import ProgressReporter, Project
 
 app = typer.Typer(
     name="nexus",
@@ -34,23 +40,54 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help: Rich's markup mode would eat "[default: ...]" and costs startup time
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Options every command shares, declared once.
+# Options every command shares, declared once and added by @command.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
 MetaOpt = Annotated[
     Path | None,
-    typer.Option("--meta", help="Metadata file [default: .nexus_meta.json at the git root]."),
+    typer.Option(
+        "--meta",
+        metavar="PATH",
+        help="Metadata file [default: .nexus_meta.json at the git root].",
+    ),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="Config file [default: .nexusrc beside --meta].")
+    Path | None,
+    typer.Option("--config", metavar="PATH", help="Config file [default: .nexusrc beside --meta]."),
 ]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
-ModelArg = Annotated[str, typer.Argument(help="Model name, like prod_model.", show_default=False)]
+ModelArg = Annotated[
+    str,
+    typer.Argument(metavar="MODEL_NAME", help="Model name, like prod_model.", show_default=False),
+]
+OptionalModelArg = Annotated[
+    str | None,
+    typer.Argument(metavar="[MODEL_NAME]", help="Only this model's versions.", show_default=False),
+]
 CommitOpt = Annotated[
-    str | None, typer.Option("--commit", help="Commit hash or prefix [default: the latest].")
+    str | None,
+    typer.Option("--commit", metavar="SHA", help="Commit hash or prefix [default: the latest]."),
 ]
+
+
+# how a command reports ------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """What a command body returns: the JSON payload and its rendering for a person.
+
+    ``error`` makes the command fail after its payload is shown (``verify`` reports its
+    results and then exits with the code of what it found).
+    """
+
+    payload: Any
+    human: Callable[[], None] = lambda: None
+    error: NexusError | None = None
 
 
 @dataclass
@@ -62,25 +99,75 @@ class Output:
 
     @property
     def progress(self) -> ProgressReporter:
-        return silent_progress if self.json else console.progress_bar
-
-    def emit(self, payload: Any, human: Callable[[], None]) -> None:
         if self.json:
+            from nexus_cli.api import silent_progress
+
+            return silent_progress
+        from nexus_cli import console
+
+        return console.progress_bar
+
+    def emit(self, reply: Reply) -> None:
+        if self.json:
+            payload = reply.payload
+            if reply.error is not None:
+                payload = {**payload, "error": _error_object(reply.error)}
             sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
         else:
-            human()
+            reply.human()
+        if reply.error is not None:
+            from nexus_cli import console
+
+            console.error(str(reply.error))
+            raise typer.Exit(reply.error.exit_code)
 
     def fail(self, code: str, message: str, exit_code: int) -> typer.Exit:
         if self.json:
-            sys.stdout.write(json.dumps({"error": {"code": code, "message": message}}) + "\n")
+            error = {"error": {"code": code, "message": message}}
+            sys.stdout.write(json.dumps(error) + "\n")
+        from nexus_cli import console
+
         console.error(message)
         return typer.Exit(exit_code)
 
 
-def run(out: Output, action: Callable[[], None]) -> None:
+def _error_object(error: NexusError) -> dict[str, str]:
+    return {"code": error.code, "message": str(error)}
+
+
+@dataclass
+class Invocation:
+    """What every command body gets: the output and the shared options."""
+
+    out: Output
+    meta: Path | None = None
+    config: Path | None = None
+    _project: Project | None = field(default=None, repr=False)
+
+    def project(self, *, require_meta: bool = True) -> Project:
+        """The project the options name; a ``--meta`` that does not exist is refused
+        unless the command creates it (``require_meta=False``)."""
+        from nexus_cli.api import Project
+
+        if self._project is None:
+            self._project = Project.open(
+                self.meta, self.config, require_meta=require_meta, on_wait=_say_waiting
+            )
+        return self._project
+
+
+def _say_waiting(lock_path: Path) -> None:
+    from nexus_cli import console
+
+    console.note(
+        "waiting for another nexus command to finish (it holds {lock}) ...", lock=lock_path
+    )
+
+
+def _run(out: Output, action: Callable[[], Reply]) -> None:
     """Run a command body, turning every error into one line and an exit code."""
     try:
-        action()
+        reply = action()
     except NexusError as exc:
         if out.debug:
             traceback.print_exc()
@@ -92,6 +179,67 @@ def run(out: Output, action: Callable[[], None]) -> None:
             traceback.print_exc()
         message = f"unexpected error: {type(exc).__name__}: {exc} (run with --debug for details)"
         raise out.fail("unexpected", message, 1) from None
+    out.emit(reply)
+
+
+def command(name: str | None = None, *, on_project: bool = True) -> Callable:
+    """Register ``body(invocation, **arguments) -> Reply`` as a command.
+
+    Adds ``--json`` and ``--debug`` (and ``--meta``/``--config`` when ``on_project``) to
+    the options Typer sees, builds the ``Invocation``, and maps errors to exit codes.
+    """
+
+    def register(body: Callable[..., Reply]) -> Callable[..., Reply]:
+        own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
+        shared = [("json_", JsonOpt), ("debug", DebugOpt)]
+        if on_project:
+            shared += [("meta", MetaOpt), ("config", ConfigOpt)]
+        parameters = own + [
+            inspect.Parameter(
+                key,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=annotation,
+                default=None if key in ("meta", "config") else False,
+            )
+            for key, annotation in shared
+        ]
+
+        def invoke(**arguments: Any) -> None:
+            out = Output(arguments.pop("json_"), arguments.pop("debug"))
+            invocation = Invocation(out)
+            if on_project:
+                invocation.meta, invocation.config = arguments.pop("meta"), arguments.pop("config")
+            _run(out, lambda: body(invocation, **arguments))
+
+        invoke.__name__ = body.__name__
+        invoke.__doc__ = body.__doc__
+        invoke.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        invoke.__annotations__ = {p.name: p.annotation for p in parameters}
+        app.command(name)(invoke)
+        return body
+
+    return register
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"nexus {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Tie model weights to git commits: store, list, load, roll back and verify them."""
+
+
+# helpers --------------------------------------------------------------------------------
 
 
 def _relative(path: Path) -> str:
@@ -101,9 +249,20 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def _commit_hint(project: Project, summary: str) -> str:
-    meta = _relative(project.meta_path)
-    return f'Commit the metadata: [bold]git add {meta} && git commit -m "{summary}"[/]'
+def _quoted(path: Path) -> str:
+    """A path as a shell word: quoted when it holds anything a shell would split or expand."""
+    text = _relative(path)
+    return text if re.fullmatch(r"[\w./@%+=:,-]+", text) else "'" + text.replace("'", "'\\''") + "'"
+
+
+def _commit_hint(paths: list[Path], summary: str) -> None:
+    from nexus_cli import console
+
+    console.say(
+        'Commit the metadata: [bold]git add {paths} && git commit -m "{summary}"[/]',
+        paths=" ".join(_quoted(path) for path in paths),
+        summary=summary,
+    )
 
 
 def _parse_metrics(pairs: list[str]) -> dict[str, float]:
@@ -119,8 +278,39 @@ def _parse_metrics(pairs: list[str]) -> dict[str, float]:
     return metrics
 
 
-@app.command()
+DURATION_RE = re.compile(r"([0-9]{1,6})([smhdw])")
+DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30m``, ``12h``, ``1d``, ``2w`` as a ``timedelta``."""
+    match = DURATION_RE.fullmatch(text.strip())
+    if not match:
+        raise UsageError(
+            f"--older-than {text!r}: give a number and a unit (s, m, h, d, w), like 12h or 2w"
+        )
+    return timedelta(**{DURATION_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _validate_model_name(name: str | None) -> None:
+    if name is not None:
+        from nexus_cli.names import validate_model_name
+
+        validate_model_name(name)
+
+
+def _release_transfer_buffers() -> None:
+    from nexus_cli.transfer import release_freed_buffers_early
+
+    release_freed_buffers_early()
+
+
+# commands -------------------------------------------------------------------------------
+
+
+@command(on_project=False)
 def init(
+    run: Invocation,
     provider: Annotated[str, typer.Option(help="local, s3, minio or gcs.")] = "local",
     bucket: Annotated[str, typer.Option(help="Bucket (s3, minio, gcs).")] = "",
     prefix: Annotated[str, typer.Option(help="Key prefix inside the bucket.")] = "",
@@ -128,268 +318,365 @@ def init(
     region: Annotated[str, typer.Option(help="Region (s3, minio).")] = "",
     path: Annotated[str, typer.Option("--path", help="Local store folder.")] = ".nexus/store",
     force: Annotated[bool, typer.Option(help="Overwrite an existing .nexusrc.")] = False,
-    json_: JsonOpt = False,
     meta: MetaOpt = None,
     config: ConfigOpt = None,
-    debug: DebugOpt = False,
-) -> None:
-    """Write .nexusrc and an empty .nexus_meta.json; git-ignore a local store."""
-    out = Output(json_, debug)
+) -> Reply:
+    """Write .nexusrc, an empty .nexus_meta.json and .gitattributes; git-ignore a local store."""
+    from nexus_cli.api import MERGE_DRIVER_SETUP, init_project
+    from nexus_cli.config import resolve_config
+    from nexus_cli.gitrepo import worktree_root
 
-    def action() -> None:
-        values = {"provider": provider, "bucket": bucket, "prefix": prefix, "path": path,
-                  "endpoint_url": endpoint_url, "region": region}  # fmt: skip
-        settings: StorageConfig = resolve_config(values, environ={})
-        meta_path = meta.absolute() if meta else GitRepo.discover().root / ".nexus_meta.json"
-        config_path, meta_path = init_project(
-            meta_path.parent, settings, force=force, meta_path=meta_path, config_path=config
+    values = {"provider": provider, "bucket": bucket, "prefix": prefix, "path": path,
+              "endpoint_url": endpoint_url, "region": region}  # fmt: skip
+    settings = resolve_config(values, environ={})
+    meta_path = meta.absolute() if meta else worktree_root() / ".nexus_meta.json"
+    result = init_project(
+        meta_path.parent, settings, force=force, meta_path=meta_path, config_path=config
+    )
+    written = [result.config_path, result.meta_path]
+    if result.gitattributes_path is not None:
+        written.append(result.gitattributes_path)
+
+    def human() -> None:
+        from nexus_cli import console
+
+        console.say(
+            "Wrote {files} ({where}).",
+            files=", ".join(_relative(path) for path in written),
+            where=settings.describe(),
         )
-        out.emit(
-            {"config": str(config_path), "meta": str(meta_path), "provider": settings.provider},
-            lambda: console.say(
-                f"Wrote {_relative(config_path)} ({settings.describe()}) and "
-                f"{_relative(meta_path)}.\nCommit both: [bold]git add {_relative(config_path)} "
-                f'{_relative(meta_path)} && git commit -m "nexus init"[/]'
-            ),
+        console.say(
+            "Enable the merge driver for .nexus_meta.json once per clone: [bold]{setup}[/]",
+            setup=MERGE_DRIVER_SETUP,
         )
+        _commit_hint(written, "nexus init")
 
-    run(out, action)
+    return Reply(
+        {
+            "config": str(result.config_path),
+            "meta": str(result.meta_path),
+            "gitattributes": str(result.gitattributes_path or "") or None,
+            "provider": settings.provider,
+            "merge_driver_setup": MERGE_DRIVER_SETUP,
+        },
+        human,
+    )
 
 
-@app.command()
+@command()
 def store(
-    file: Annotated[Path, typer.Argument(help="The weights file to store.", show_default=False)],
+    run: Invocation,
+    file: Annotated[
+        Path,
+        typer.Argument(metavar="FILE", help="The weights file to store.", show_default=False),
+    ],
     model_name: ModelArg,
-    message: Annotated[str, typer.Option("-m", "--message", help="A note for this version.")] = "",
+    message: Annotated[
+        str, typer.Option("-m", "--message", metavar="TEXT", help="A note for this version.")
+    ] = "",
     metric: Annotated[
-        list[str] | None, typer.Option("--metric", help="name=number; repeat for more.")
+        list[str] | None,
+        typer.Option("--metric", metavar="NAME=NUMBER", help="A metric; repeat for more."),
     ] = None,
     signature: Annotated[
-        str | None, typer.Option("--signature", help="Inputs and outputs as JSON.")
+        str | None, typer.Option("--signature", metavar="JSON", help="Inputs and outputs.")
     ] = None,
     input_shape: Annotated[
-        str | None, typer.Option("--input-shape", help="One sample's shape, like 3,224,224.")
+        str | None,
+        typer.Option("--input-shape", metavar="DIMS", help="One sample's shape, like 3,224,224."),
     ] = None,
     allow_dirty: Annotated[
         bool, typer.Option("--allow-dirty", help="Store even with uncommitted changes.")
     ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace other bytes stored at this commit.")
+        bool,
+        typer.Option(
+            "--force", help="Replace other bytes stored at this commit; repair a damaged object."
+        ),
     ] = False,
     no_latest: Annotated[
         bool, typer.Option("--no-latest", help="Record the version without making it latest.")
     ] = False,
-    json_: JsonOpt = False,
-    meta: MetaOpt = None,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
-) -> None:
+) -> Reply:
     """Upload FILE as MODEL_NAME's version at the current git commit."""
-    out = Output(json_, debug)
+    from nexus_cli.signature import parse_signature_json, signature_from_input_shape
 
-    def action() -> None:
-        validate_model_name(model_name)
-        if signature is not None and input_shape is not None:
-            raise UsageError("give --signature or --input-shape, not both")
-        parsed_signature = None
-        if signature is not None:
-            parsed_signature = parse_signature_json(signature)
-        elif input_shape is not None:
-            parsed_signature = signature_from_input_shape(input_shape)
-        metrics = _parse_metrics(metric or [])
-        project = Project.open(meta, config)
-        result = project.store(
-            file, model_name, message=message, metrics=metrics, signature=parsed_signature,
-            allow_dirty=allow_dirty, force=force, make_latest=not no_latest,
-            progress=out.progress,
-        )  # fmt: skip
-        record = result.record
+    _validate_model_name(model_name)
+    if signature is not None and input_shape is not None:
+        raise UsageError("give --signature or --input-shape, not both")
+    parsed_signature = None
+    if signature is not None:
+        parsed_signature = parse_signature_json(signature)
+    elif input_shape is not None:
+        parsed_signature = signature_from_input_shape(input_shape)
+    metrics = _parse_metrics(metric or [])
+    project = run.project(require_meta=False)
+    _release_transfer_buffers()
+    result = project.store(
+        file, model_name, message=message, metrics=metrics, signature=parsed_signature,
+        allow_dirty=allow_dirty, force=force, make_latest=not no_latest,
+        progress=run.out.progress,
+    )  # fmt: skip
+    record = result.record
 
-        def human() -> None:
-            where = f"{project.store_backend.describe()}/{record.storage_uri}"
-            verb = "Stored" if result.uploaded else "Already stored (nothing uploaded):"
-            latest = " [green](latest)[/]" if record.is_latest else ""
-            console.say(
-                f"{verb} {record.model_name}@{record.short_commit}{latest}, "
-                f"{console.human_size(record.size_bytes)}, {record.format}, "
-                f"sha256 {record.sha256[:12]}\n  → {where}"
-            )
-            console.say(_commit_hint(project, f"nexus: store {model_name}@{record.short_commit}"))
+    def human() -> None:
+        from nexus_cli import console
 
-        out.emit({**record.to_dict(), "uploaded": result.uploaded}, human)
+        console.say(
+            "{verb} {model}@{commit}{latest}, {size}, {format}, sha256 {sha}\n  {arrow} {where}",
+            verb="Stored" if result.uploaded else "Already stored (nothing uploaded):",
+            model=record.model_name,
+            commit=record.short_commit,
+            latest=" (latest)" if record.is_latest else "",
+            size=console.human_size(record.size_bytes),
+            format=record.format,
+            sha=record.sha256[:12],
+            arrow=console.symbol("→", "->"),
+            where=f"{project.store_backend.describe()}/{record.storage_uri}",
+        )
+        _commit_hint([project.meta_path], f"nexus: store {model_name}@{record.short_commit}")
 
-    run(out, action)
+    return Reply({**record.to_dict(), "uploaded": result.uploaded}, human)
 
 
-@app.command("list")
-def list_(
-    model_name: Annotated[
-        str | None, typer.Argument(help="Only this model's versions.", show_default=False)
-    ] = None,
-    json_: JsonOpt = False,
-    meta: MetaOpt = None,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
-) -> None:
+@command("list")
+def list_(run: Invocation, model_name: OptionalModelArg = None) -> Reply:
     """Show recorded versions, newest first."""
-    out = Output(json_, debug)
+    _validate_model_name(model_name)
+    versions = run.project().list_versions(model_name)
 
-    def action() -> None:
-        if model_name is not None:
-            validate_model_name(model_name)
-        versions = Project.open(meta, config).list_versions(model_name)
+    def human() -> None:
+        from nexus_cli import console
 
-        def human() -> None:
-            if versions:
-                console.versions_table(versions)
-            else:
-                console.say("No model versions recorded yet: run `nexus store FILE MODEL_NAME`.")
+        if versions:
+            console.versions_table(versions)
+        else:
+            console.say("No model versions recorded yet: run `nexus store FILE MODEL_NAME`.")
 
-        out.emit([record.to_dict() for record in versions], human)
-
-    run(out, action)
+    return Reply([record.to_dict() for record in versions], human)
 
 
-@app.command()
+@command()
 def load(
+    run: Invocation,
     model_name: ModelArg,
     commit: CommitOpt = None,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Where to write the file.")
+        Path | None,
+        typer.Option(
+            "-o", "--output", metavar="PATH", help="Where to write the file (a file or a folder)."
+        ),
     ] = None,
-    json_: JsonOpt = False,
-    meta: MetaOpt = None,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
-) -> None:
+) -> Reply:
     """Download a version, verified by size and sha256 before it appears."""
-    out = Output(json_, debug)
+    _validate_model_name(model_name)
+    project = run.project()
+    _release_transfer_buffers()
+    result = project.load(model_name, commit=commit, output=output, progress=run.out.progress)
 
-    def action() -> None:
-        validate_model_name(model_name)
-        result = Project.open(meta, config).load(
-            model_name, commit=commit, output=output, progress=out.progress
-        )
-        out.emit(
-            {
-                "model_name": result.model_name,
-                "commit_hash": result.commit_hash,
-                "path": str(result.path),
-                "sha256": result.sha256,
-                "size_bytes": result.size_bytes,
-            },
-            lambda: console.say(
-                f"Loaded {result.model_name}@{result.commit_hash[:7]} → {_relative(result.path)} "
-                f"({console.human_size(result.size_bytes)}, sha256 verified)"
-            ),
+    def human() -> None:
+        from nexus_cli import console
+
+        console.say(
+            "Loaded {model}@{commit} {arrow} {path} ({size}, sha256 verified)",
+            model=result.model_name,
+            commit=result.commit_hash[:7],
+            arrow=console.symbol("→", "->"),
+            path=_relative(result.path),
+            size=console.human_size(result.size_bytes),
         )
 
-    run(out, action)
+    return Reply(
+        {
+            "model_name": result.model_name,
+            "commit_hash": result.commit_hash,
+            "path": str(result.path),
+            "sha256": result.sha256,
+            "size_bytes": result.size_bytes,
+        },
+        human,
+    )
 
 
-@app.command()
+@command()
 def rollback(
+    run: Invocation,
     model_name: ModelArg,
     to: Annotated[
-        str | None, typer.Option("--to", help="Commit hash or prefix [default: the previous].")
+        str | None,
+        typer.Option("--to", metavar="SHA", help="Commit hash or prefix [default: the previous]."),
     ] = None,
-    json_: JsonOpt = False,
-    meta: MetaOpt = None,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
-) -> None:
+) -> Reply:
     """Make the previous version (or --to) the latest. Uploads nothing."""
-    out = Output(json_, debug)
+    _validate_model_name(model_name)
+    project = run.project()
+    result = project.rollback(model_name, to=to)
 
-    def action() -> None:
-        validate_model_name(model_name)
-        project = Project.open(meta, config)
-        result = project.rollback(model_name, to=to)
+    def human() -> None:
+        from nexus_cli import console
 
-        def human() -> None:
-            console.say(
-                f"{result.model_name}: latest is now {result.to_commit[:7]} "
-                f"(was {result.from_commit[:7]})"
-            )
-            console.say(
-                _commit_hint(project, f"nexus: roll {model_name} back to {result.to_commit[:7]}")
-            )
-
-        out.emit(
-            {
-                "model_name": result.model_name,
-                "from_commit": result.from_commit,
-                "to_commit": result.to_commit,
-            },
-            human,
+        console.say(
+            "{model}: latest is now {to} (was {was})",
+            model=result.model_name,
+            to=result.to_commit[:7],
+            was=result.from_commit[:7],
+        )
+        _commit_hint(
+            [project.meta_path], f"nexus: roll {model_name} back to {result.to_commit[:7]}"
         )
 
-    run(out, action)
+    return Reply(
+        {
+            "model_name": result.model_name,
+            "from_commit": result.from_commit,
+            "to_commit": result.to_commit,
+        },
+        human,
+    )
 
 
-@app.command()
-def verify(
-    model_name: Annotated[
-        str | None, typer.Argument(help="Only this model's versions.", show_default=False)
-    ] = None,
-    json_: JsonOpt = False,
-    meta: MetaOpt = None,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
-) -> None:
+@command()
+def verify(run: Invocation, model_name: OptionalModelArg = None) -> Reply:
     """Re-check every stored object against its record, by its bytes."""
-    out = Output(json_, debug)
-    exit_code = 0
+    from nexus_cli.errors import IntegrityError, NotFoundError
 
-    def action() -> None:
-        nonlocal exit_code
-        if model_name is not None:
-            validate_model_name(model_name)
-        results = Project.open(meta, config).verify(model_name, progress=out.progress)
-        counts = {status: sum(r.status == status for r in results)
-                  for status in ("ok", "missing", "mismatch")}  # fmt: skip
-        exit_code = 7 if counts["mismatch"] else 4 if counts["missing"] else 0
+    _validate_model_name(model_name)
+    project = run.project()
+    _release_transfer_buffers()
+    results = project.verify(model_name, progress=run.out.progress)
+    counts = {status: sum(r.status == status for r in results)
+              for status in ("ok", "missing", "mismatch")}  # fmt: skip
+    error: NexusError | None = None
+    if counts["mismatch"]:
+        error = IntegrityError(
+            f"{counts['mismatch']} stored object(s) do not match their records"
+            + (f" and {counts['missing']} are missing" if counts["missing"] else ""),
+            hint="`nexus store FILE MODEL --force` at the version's commit re-uploads one",
+        )
+    elif counts["missing"]:
+        error = NotFoundError(f"{counts['missing']} stored object(s) are missing from the store")
 
-        def human() -> None:
-            if not results:
-                console.say("No model versions recorded yet: nothing to verify.")
-                return
-            console.verify_table(results)
-            console.say(
-                f"{counts['ok']} ok, {counts['missing']} missing, {counts['mismatch']} mismatched"
-            )
+    def human() -> None:
+        from nexus_cli import console
 
-        payload = {
-            "ok": exit_code == 0,
-            "counts": counts,
-            "results": [
+        if not results:
+            console.say("No model versions recorded yet: nothing to verify.")
+            return
+        console.verify_table(results)
+        console.say(
+            "{ok} ok, {missing} missing, {mismatch} mismatched",
+            ok=counts["ok"],
+            missing=counts["missing"],
+            mismatch=counts["mismatch"],
+        )
+
+    payload = {
+        "ok": error is None,
+        "counts": counts,
+        "results": [
+            {
+                "model_name": r.record.model_name,
+                "commit_hash": r.record.commit_hash,
+                "storage_uri": r.record.storage_uri,
+                "status": r.status,
+                "detail": r.detail,
+            }
+            for r in results
+        ],
+    }
+    return Reply(payload, human, error)
+
+
+@command()
+def gc(
+    run: Invocation,
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than", metavar="DURATION", help="Only what is older, like 30m, 12h, 1d, 2w."
+        ),
+    ] = "1d",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")
+    ] = False,
+) -> Reply:
+    """Remove what interrupted uploads left in the store. Never a stored version."""
+    age = parse_duration(older_than)
+    result = run.project().gc(age, dry_run=dry_run)
+
+    def human() -> None:
+        from nexus_cli import console
+
+        if not result.leftovers:
+            console.say("Nothing to clean up older than {age}.", age=older_than)
+            return
+        console.gc_table(result.leftovers, dry_run=dry_run)
+        console.say(
+            "{count} leftover(s), {size}{note}",
+            count=len(result.leftovers),
+            size=console.human_size(result.total_bytes),
+            note=" (dry run: nothing removed)" if dry_run else " removed",
+        )
+
+    return Reply(
+        {
+            "dry_run": dry_run,
+            "older_than": older_than,
+            "count": len(result.leftovers),
+            "bytes": result.total_bytes,
+            "leftovers": [
                 {
-                    "model_name": r.record.model_name,
-                    "commit_hash": r.record.commit_hash,
-                    "storage_uri": r.record.storage_uri,
-                    "status": r.status,
-                    "detail": r.detail,
+                    "kind": leftover.kind,
+                    "name": leftover.name,
+                    "size": leftover.size,
+                    "started_at": leftover.started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "upload_id": leftover.upload_id,
                 }
-                for r in results
+                for leftover in result.leftovers
             ],
-        }
-        out.emit(payload, human)
-        if exit_code and not out.json:
-            console.error("some stored objects do not match their records")
+        },
+        human,
+    )
 
-    run(out, action)
-    if exit_code:
-        raise typer.Exit(exit_code)
+
+@command("merge-driver", on_project=False)
+def merge_driver(
+    run: Invocation,
+    base: Annotated[Path, typer.Argument(metavar="BASE", help="The common ancestor (git's %O).")],
+    ours: Annotated[
+        Path, typer.Argument(metavar="OURS", help="Our side, where the result goes (%A).")
+    ],
+    theirs: Annotated[Path, typer.Argument(metavar="THEIRS", help="Their side (%B).")],
+) -> Reply:
+    """Git merge driver for .nexus_meta.json: union of versions, one latest per model."""
+    from nexus_cli.api import merge_metadata_files
+
+    merged = merge_metadata_files(base, ours, theirs)
+    return Reply({"models": {name: len(v) for name, v in merged.models.items()}})
+
+
+def _tolerate_unencodable_output() -> None:
+    """Have stdout and stderr replace what their encoding cannot write (``PYTHONIOENCODING
+    =ascii``) instead of failing halfway through a command."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", "strict") == "strict":
+            try:
+                reconfigure(errors="replace")
+            except (ValueError, OSError):
+                continue
 
 
 def main() -> None:
     """Console-script entry point: like ``app()``, but usage errors also speak JSON."""
-    release_freed_buffers_early()
+    _tolerate_unencodable_output()
     try:
         code = app(standalone_mode=False)
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.Abort:
+        from nexus_cli import console
+
         console.error("interrupted")
         code = 130
     except TyperException as exc:  # a usage error found while parsing the command line
@@ -399,10 +686,12 @@ def main() -> None:
         if "--json" in sys.argv[1:]:
             error = {"error": {"code": "usage_error", "message": message}}
             sys.stdout.write(json.dumps(error) + "\n")
+        from nexus_cli import console
+
         console.error(message)
         context = getattr(exc, "ctx", None)
         if context is not None:
-            console.stderr.print(context.get_usage())
+            console.usage(context.get_usage())
         code = getattr(exc, "exit_code", 2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -22,6 +22,14 @@ SECRET_KEY_RE = re.compile(
     re.IGNORECASE,
 )
 
+# S3 and GCS naming rules (the common part): 3-63 characters, lower-case letters, digits,
+# dots and hyphens (GCS also underscores), starting and ending with a letter or digit.
+BUCKET_RE = {
+    "s3": re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"),
+    "gcs": re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]"),
+}
+IP_ADDRESS_RE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
+
 ENV_OVERRIDES = {
     "provider": "NEXUS_PROVIDER",
     "bucket": "NEXUS_BUCKET",
@@ -60,6 +68,20 @@ def _find_secret_keys(table: Mapping[str, object], trail: str = "") -> list[str]
         if isinstance(value, Mapping):
             found.extend(_find_secret_keys(value, dotted + "."))
     return found
+
+
+def validate_bucket_name(provider: str, bucket: str) -> str:
+    """Return ``bucket`` when the provider would accept the name, else ``ConfigError``."""
+    rule = BUCKET_RE["gcs" if provider == "gcs" else "s3"]
+    if not rule.fullmatch(bucket) or ".." in bucket or IP_ADDRESS_RE.fullmatch(bucket):
+        allowed = "lower-case letters, digits, dots, hyphens" + (
+            ", underscores" if provider == "gcs" else ""
+        )
+        raise ConfigError(
+            f"invalid bucket name {bucket!r}: use 3 to 63 characters ({allowed}), "
+            "starting and ending with a letter or digit"
+        )
+    return bucket
 
 
 def parse_config(text: str, source: str = ".nexusrc") -> dict[str, str]:
@@ -114,6 +136,8 @@ def resolve_config(
         raise ConfigError(
             f"provider {provider!r} needs a bucket: set storage.bucket in .nexusrc or NEXUS_BUCKET"
         )
+    if provider != "local":
+        validate_bucket_name(provider, config.bucket)
     if provider == "minio" and not config.endpoint_url:
         raise ConfigError(
             "provider 'minio' needs an endpoint: set storage.endpoint_url or NEXUS_ENDPOINT_URL"
@@ -133,12 +157,21 @@ def resolve_config(
     return config
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> StorageConfig:
-    """Read `.nexusrc` at ``path`` (missing means all defaults) and apply the environment."""
+def load_config(
+    path: Path, environ: Mapping[str, str] | None = None, *, must_exist: bool = False
+) -> StorageConfig:
+    """Read `.nexusrc` at ``path`` and apply the environment.
+
+    A missing file means all defaults, unless ``must_exist`` (a path the user named).
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        if must_exist:
+            raise ConfigError(f"config file {path} does not exist") from None
         text = ""
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     return resolve_config(parse_config(text, str(path)), environ)

@@ -1,32 +1,63 @@
 """Everything the CLI shows a person: Rich tables, progress bars and error lines.
 
-This is the only module that imports Rich (ruff's banned-api rule keeps it so).
+This is the only module that imports Rich (ruff's banned-api rule keeps it so), and it
+is imported only when a person is to read something: ``nexus --help`` never loads it.
 Machine output (``--json``) is plain JSON on stdout and never passes through here.
+
+Every string that came from a file or an argument (a message, a metric name, a path, a
+model name, an error) reaches the terminal through ``safe``: its control characters
+are shown escaped (``\\x1b``) and its Rich markup is shown, not interpreted, so a
+hand-edited ``.nexus_meta.json`` cannot clear the screen or fake a table row, and a
+folder named ``exp[v1]`` prints as itself. Messages take such values as keyword
+arguments (``say("Stored {name}", name=...)``), so the escaping cannot be forgotten.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
-from nexus_cli.api import VerifyResult
-from nexus_cli.metadata import VersionRecord
-from nexus_cli.transfer import Progress as ProgressCallback
+from nexus_cli.names import CONTROL_CHAR_RE
+
+if TYPE_CHECKING:
+    from nexus_cli.api import VerifyResult
+    from nexus_cli.metadata import VersionRecord
+    from nexus_cli.transfer import Progress as ProgressCallback
+
 
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _can_encode(console: Console, text: str) -> bool:
+    try:
+        text.encode(console.encoding)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def symbol(fancy: str, plain: str, console: Console = stdout) -> str:
+    """``fancy`` where the terminal's encoding can show it, else the ASCII ``plain``."""
+    return fancy if _can_encode(console, fancy) else plain
+
+
+def _escape_control(match) -> str:  # noqa: ANN001 - a re.Match
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def printable(value: object) -> str:
+    """``value`` as text with every control character shown as its escape (``\\x1b``)."""
+    return CONTROL_CHAR_RE.sub(_escape_control, str(value))
+
+
+def safe(value: object) -> str:
+    """``value`` ready to sit inside Rich markup: control characters and markup escaped."""
+    return escape(printable(value))
 
 
 def human_size(size: int) -> str:
@@ -38,14 +69,24 @@ def human_size(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def say(message: str) -> None:
-    """A line for a person, on stdout."""
-    stdout.print(message)
+def say(template: str, /, **values: object) -> None:
+    """A line for a person, on stdout: ``template`` is our markup, ``values`` are escaped."""
+    stdout.print(template.format(**{name: safe(value) for name, value in values.items()}))
+
+
+def note(template: str, /, **values: object) -> None:
+    """A remark on stderr (stdout may be carrying JSON)."""
+    stderr.print(template.format(**{name: safe(value) for name, value in values.items()}))
 
 
 def error(message: str) -> None:
     """One error line on stderr."""
-    stderr.print(f"[bold red]error:[/] {escape(message)}")
+    stderr.print(f"[bold red]error:[/] {safe(message)}")
+
+
+def usage(text: str) -> None:
+    """Usage text (from the argument parser) on stderr, as it is."""
+    stderr.print(safe(text))
 
 
 @contextlib.contextmanager
@@ -54,6 +95,15 @@ def progress_bar(description: str, total: int) -> Iterator[ProgressCallback]:
     if not (stdout.is_terminal and stderr.is_terminal):
         yield lambda _count: None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -62,7 +112,7 @@ def progress_bar(description: str, total: int) -> Iterator[ProgressCallback]:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(escape(description), total=total)
+        task = bar.add_task(safe(description), total=total)
         yield lambda count: bar.advance(task, count)
 
 
@@ -71,25 +121,31 @@ def _metrics_text(metrics: dict[str, float]) -> str:
 
 
 def versions_table(versions: Sequence[VersionRecord]) -> None:
-    table = Table(title="Model versions, newest first (● = latest)", title_justify="left")
+    from rich.table import Table
+
+    marker = symbol("●", "*")
+    table = Table(title=f"Model versions, newest first ({marker} = latest)", title_justify="left")
     for column in ("model", "commit", "format", "size", "stored"):
         table.add_column(column, no_wrap=True, justify="right" if column == "size" else "left")
     table.add_column("message, metrics", min_width=16)
+    separator = symbol(" · ", " | ")
     for record in versions:
-        marker = "[green]●[/]" if record.is_latest else " "
-        notes = " · ".join(filter(None, (record.message, _metrics_text(record.metrics))))
+        shown = f"[green]{marker}[/]" if record.is_latest else " "
+        notes = separator.join(filter(None, (record.message, _metrics_text(record.metrics))))
         table.add_row(
-            escape(record.model_name),
-            f"{marker} {record.short_commit}",
-            record.format,
+            safe(record.model_name),
+            f"{shown} {safe(record.short_commit)}",
+            safe(record.format),
             human_size(record.size_bytes),
-            record.created_at[:10],
-            escape(notes),
+            safe(record.created_at[:10]),
+            safe(notes),
         )
     stdout.print(table)
 
 
 def verify_table(results: Sequence[VerifyResult]) -> None:
+    from rich.table import Table
+
     table = Table(title="Verification", title_justify="left")
     for column in ("status", "model", "commit", "size", "detail"):
         table.add_column(column)
@@ -98,9 +154,26 @@ def verify_table(results: Sequence[VerifyResult]) -> None:
         record = result.record
         table.add_row(
             styles[result.status],
-            escape(record.model_name),
-            record.short_commit,
+            safe(record.model_name),
+            safe(record.short_commit),
             human_size(record.size_bytes),
-            escape(result.detail),
+            safe(result.detail),
+        )
+    stdout.print(table)
+
+
+def gc_table(leftovers: Sequence, *, dry_run: bool) -> None:
+    from rich.table import Table
+
+    title = "Would remove (dry run)" if dry_run else "Removed"
+    table = Table(title=title, title_justify="left")
+    for column in ("kind", "name", "size", "started"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for leftover in leftovers:
+        table.add_row(
+            safe(leftover.kind),
+            safe(leftover.name),
+            "?" if leftover.size is None else human_size(leftover.size),
+            safe(leftover.started_at.strftime("%Y-%m-%d %H:%M")),
         )
     stdout.print(table)

@@ -4,7 +4,8 @@
     ├── UsageError                  exit 2  bad arguments, names, config or metadata
     │   ├── InvalidNameError
     │   ├── ConfigError
-    │   └── MetadataError
+    │   ├── MetadataError
+    │   └── AmbiguousCommitError    a commit prefix that matches several versions
     ├── GitError                    exit 3  not a repository, dirty tree, no commit
     ├── NotFoundError               exit 4  model, version or object missing
     ├── ConflictError               exit 5  other bytes already stored for this model and commit
@@ -49,6 +50,12 @@ class ConfigError(UsageError):
 
 class MetadataError(UsageError):
     code = "metadata_error"
+
+
+class AmbiguousCommitError(UsageError):
+    """A commit prefix that names more than one version: the file is fine, the prefix is short."""
+
+    code = "ambiguous_commit"
 
 
 class GitError(NexusError):

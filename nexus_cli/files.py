@@ -1,17 +1,25 @@
-"""Local file plumbing: atomic writes, temp names beside a target, a lock, ignored folders."""
+"""Local file plumbing: atomic writes, temp names beside a target, a lock, ignored folders.
+
+Portable: nothing here needs a POSIX-only call (the lock is ``filelock``'s, which uses
+``msvcrt`` on Windows and ``fcntl`` elsewhere).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from nexus_cli.errors import UsageError
 
 INCOMPLETE_SUFFIX = ".incomplete"
 _TEMP_NAME_RE = re.compile(r"\..+\.[0-9a-f]{12}" + re.escape(INCOMPLETE_SUFFIX))
+#: how long a lock is waited for in silence before ``on_wait`` is told
+LOCK_NOTICE_AFTER_S = 1.0
 
 
 def temp_path_beside(target: Path) -> Path:
@@ -34,22 +42,63 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def describe_file_type(mode: int) -> str:
+    """What a non-regular file is, in words: 'a folder', 'a FIFO', ..."""
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((words for test, words in kinds if test(mode)), "not a regular file")
+
+
+def replaceable_target(path: Path) -> Path:
+    """The file an atomic write to ``path`` must replace: ``path``, or a symlink's target.
+
+    A symbolic link is written through: the new file is renamed onto the file the link
+    points to, so the link stays a link. Anything that exists and is not a regular file
+    (a FIFO, a device, a folder, a link to one of those) is refused with ``UsageError``:
+    replacing it with a regular file would break whatever it was.
+    """
+    target = path.resolve() if path.is_symlink() else path
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    except NotADirectoryError:
+        raise UsageError(f"cannot write {path}: a folder on its path is a file") from None
+    if not stat.S_ISREG(mode):
+        shown = f"{path} (a link to {target})" if target != path else str(path)
+        raise UsageError(
+            f"refusing to replace {shown}: it is {describe_file_type(mode)}, not a regular file"
+        )
+    return target
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and a rename: readers see old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = temp_path_beside(path)
+    """Write ``text`` to ``path`` through a temp file and a rename: readers see old or new.
+
+    A symbolic link at ``path`` is written through to its target (see
+    ``replaceable_target``), the temp file sitting beside that target.
+    """
+    target = replaceable_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_path_beside(target)
     try:
         with open(temp, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         with contextlib.suppress(FileNotFoundError):
-            os.chmod(temp, path.stat().st_mode & 0o777)
-        os.replace(temp, path)
+            os.chmod(temp, target.stat().st_mode & 0o777)
+        os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(target.parent)
 
 
 def make_ignored_dir(directory: Path) -> None:
@@ -63,12 +112,25 @@ def make_ignored_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``lock_path`` (created in a git-ignored folder)."""
+def exclusive_lock(
+    lock_path: Path, *, on_wait: Callable[[Path], None] | None = None
+) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created in a git-ignored folder).
+
+    When another process holds it for longer than ``LOCK_NOTICE_AFTER_S``, ``on_wait``
+    is called once (so a person knows why nothing happens), then the wait goes on.
+    """
+    from filelock import FileLock, Timeout  # imported here: it costs startup time
+
     make_ignored_dir(lock_path.parent)
-    with open(lock_path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    lock = FileLock(lock_path, thread_local=False)
+    try:
+        lock.acquire(timeout=LOCK_NOTICE_AFTER_S)
+    except Timeout:
+        if on_wait is not None:
+            on_wait(lock_path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

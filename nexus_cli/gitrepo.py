@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +93,44 @@ class GitRepo:
         if name and email:
             return f"{name} <{email}>"
         return str(name or email or "unknown")
+
+
+def find_worktree_root(path: Path) -> Path | None:
+    """The nearest folder at or above ``path`` that holds a ``.git`` entry, or ``None``.
+
+    A cheap look at the file system, without GitPython or a git process.
+    """
+    for folder in (path, *path.parents):
+        if (folder / ".git").exists():
+            return folder
+    return None
+
+
+def worktree_root(start: Path | None = None) -> Path:
+    """The top folder of the git work tree that holds ``start`` (default: the current
+    directory), found by looking for ``.git``: no GitPython import, no git process."""
+    start = (start or Path.cwd()).resolve()
+    root = find_worktree_root(start)
+    if root is None:
+        raise GitError(
+            f"{start} is not inside a git repository",
+            hint="run `git init` and commit, or pass --meta",
+        )
+    return root
+
+
+def holds_tracked_files(worktree: Path, folder: Path) -> bool:
+    """Whether git tracks any file at or under ``folder`` in the work tree ``worktree``."""
+    try:
+        completed = subprocess.run(
+            ["git", "-C", str(worktree), "ls-files", "-z", "--", str(folder)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GitError(f"cannot run git in {worktree}: {exc}") from exc
+    if completed.returncode != 0:
+        message = completed.stderr.decode(errors="replace").strip()
+        raise GitError(f"git ls-files failed in {worktree}: {message}")
+    return bool(completed.stdout)

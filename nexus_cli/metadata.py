@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nexus_cli.errors import MetadataError, NotFoundError, UsageError
+from nexus_cli.errors import (
+    AmbiguousCommitError,
+    ConflictError,
+    MetadataError,
+    NotFoundError,
+    UsageError,
+)
 from nexus_cli.files import atomic_write_text, exclusive_lock
 from nexus_cli.names import (
     COMMIT_RE,
@@ -24,6 +32,14 @@ from nexus_cli.signature import validate_signature
 
 SCHEMA_VERSION = 1
 FORMATS = ("torchscript", "torch_export", "state_dict", "safetensors", "unknown")
+TOP_LEVEL_KEYS = ("schema_version", "models")
+#: a registry of thousands of versions is a few MiB; anything far larger is not one
+MAX_METADATA_BYTES = 64 * 1024 * 1024
+#: the longest integer a record holds is a size in bytes (int64: 19 digits)
+MAX_INT_DIGITS = 20
+TIMESTAMP_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+REPAIR_HINT = "run `nexus rollback {model} --to SHA` to choose the latest"
 
 
 @dataclass
@@ -66,6 +82,14 @@ _FIELD_TYPES = {
 }
 
 
+def _is_real_time(text: str) -> bool:
+    try:
+        datetime.strptime(text, TIMESTAMP_FORMAT)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_version(raw: Any, model: str, where: str) -> VersionRecord:
     if not isinstance(raw, dict):
         raise MetadataError(f"{where}: expected an object, got {type(raw).__name__}")
@@ -89,6 +113,11 @@ def _check_version(raw: Any, model: str, where: str) -> VersionRecord:
         raise MetadataError(f"{where}.sha256: expected 64 lower-case hex characters")
     if raw["size_bytes"] < 0:
         raise MetadataError(f"{where}.size_bytes: must not be negative")
+    if not TIMESTAMP_RE.fullmatch(raw["created_at"]) or not _is_real_time(raw["created_at"]):
+        raise MetadataError(
+            f"{where}.created_at: expected a UTC timestamp like 2026-11-23T18:00:00Z, "
+            f"got {json.dumps(raw['created_at'])}"
+        )
     if raw["format"] not in FORMATS:
         raise MetadataError(f"{where}.format: {raw['format']!r} is not one of {list(FORMATS)}")
     uri = raw["storage_uri"]
@@ -120,11 +149,22 @@ class Metadata:
     # reading and writing -------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, document: Any, source: str = ".nexus_meta.json") -> Metadata:
+    def from_dict(
+        cls, document: Any, source: str = ".nexus_meta.json", *, lenient_latest: bool = False
+    ) -> Metadata:
+        """Validate a parsed document. ``lenient_latest`` lets a model have several latest
+        versions (or none), as a merge of two branches leaves it, so that it can be repaired.
+        """
         if not isinstance(document, dict):
             raise MetadataError(f"{source}: the top level must be an object")
+        unknown = sorted(set(document) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            raise MetadataError(
+                f"{source}: unknown top-level key(s) {unknown}; this nexus knows "
+                f"{list(TOP_LEVEL_KEYS)} (upgrade nexus if the file is newer)"
+            )
         version = document.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise MetadataError(
                 f"{source}: schema_version is {json.dumps(version)}; this nexus reads "
                 f"{SCHEMA_VERSION} (upgrade nexus if the file is newer)"
@@ -136,17 +176,22 @@ class Metadata:
         for name, entry in models.items():
             where = f"{source}: models.{name}"
             if not MODEL_NAME_RE.fullmatch(name):
-                raise MetadataError(f"{where}: invalid model name")
+                raise MetadataError(f"{source}: models.{json.dumps(name)}: invalid model name")
             if not isinstance(entry, dict) or not isinstance(entry.get("versions"), list):
                 raise MetadataError(f"{where}: expected an object with a 'versions' list")
+            if set(entry) != {"versions"}:
+                raise MetadataError(f"{where}: unknown key(s) {sorted(set(entry) - {'versions'})}")
+            if not entry["versions"]:
+                raise MetadataError(f"{where}: a model must have at least one version")
             versions = [
                 _check_version(raw, name, f"{where}.versions[{index}]")
                 for index, raw in enumerate(entry["versions"])
             ]
             latest = [v for v in versions if v.is_latest]
-            if versions and len(latest) != 1:
+            if len(latest) != 1 and not lenient_latest:
                 raise MetadataError(
-                    f"{where}: exactly one version must have is_latest true, found {len(latest)}"
+                    f"{where}: exactly one version must have is_latest true, found {len(latest)}",
+                    hint=REPAIR_HINT.format(model=name),
                 )
             commits = [v.commit_hash for v in versions]
             if len(set(commits)) != len(commits):
@@ -155,21 +200,28 @@ class Metadata:
         return cls(parsed)
 
     @classmethod
-    def read(cls, path: Path) -> Metadata:
-        """Read and validate ``path``; a missing file is an empty registry."""
+    def read(cls, path: Path, *, lenient_latest: bool = False) -> Metadata:
+        """Read and validate ``path``; a missing file is an empty registry.
+
+        The file arrives by pull request, so it is parsed as hostile input: bounded in
+        size, nesting and number length, and duplicate keys are refused (a JSON object
+        that says two things at once).
+        """
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_METADATA_BYTES + 1)
         except FileNotFoundError:
             return cls()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MetadataError(f"cannot read {path}: {exc}") from exc
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except IsADirectoryError:
+            raise MetadataError(f"{path} is a folder, not a metadata file") from None
+        except OSError as exc:
+            raise MetadataError(f"cannot read {path}: {exc.strerror}") from exc
+        if len(data) > MAX_METADATA_BYTES:
             raise MetadataError(
-                f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-            ) from exc
-        return cls.from_dict(document, str(path))
+                f"{path} is larger than {MAX_METADATA_BYTES // (1024 * 1024)} MiB; "
+                "that is not a registry nexus wrote"
+            )
+        return cls.from_dict(parse_json(data, str(path)), str(path), lenient_latest=lenient_latest)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -194,7 +246,13 @@ class Metadata:
         return self.models[model]
 
     def latest(self, model: str) -> VersionRecord:
-        return next(v for v in self.versions(model) if v.is_latest)
+        """The latest version; on a file read leniently, the newest of several claimants."""
+        claimants = [v for v in self.versions(model) if v.is_latest]
+        if not claimants:
+            raise MetadataError(
+                f"{model!r} has no latest version", hint=REPAIR_HINT.format(model=model)
+            )
+        return max(claimants, key=newest_first_key)
 
     def find(self, model: str, commit_prefix: str) -> VersionRecord:
         """The version whose commit starts with ``commit_prefix`` (4 to 40 hex characters)."""
@@ -203,7 +261,7 @@ class Metadata:
         if not matches:
             raise NotFoundError(f"model {model!r} has no version at commit {prefix}")
         if len(matches) > 1:
-            raise MetadataError(
+            raise AmbiguousCommitError(
                 f"commit prefix {prefix} matches {len(matches)} versions of {model!r}; "
                 "give more characters"
             )
@@ -233,11 +291,141 @@ class Metadata:
             self.set_latest(record.model_name, record.commit_hash)
 
 
+def newest_first_key(record: VersionRecord) -> tuple[str, str]:
+    """Orders versions by ``created_at``, ties broken by commit hash: the larger is newer."""
+    return (record.created_at, record.commit_hash)
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise MetadataError(f"the key {json.dumps(twice)} appears twice in one object")
+    return document
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise MetadataError(f"a number with {len(text)} digits is longer than any nexus writes")
+    return int(text)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise MetadataError(f"{name} is not a number JSON allows")
+
+
+def parse_json(data: bytes, source: str) -> Any:
+    """Parse untrusted JSON bytes; every way it can be wrong is a ``MetadataError``."""
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_refuse_duplicate_keys,
+            parse_int=_parse_int,
+            parse_constant=_refuse_constant,
+        )
+    except UnicodeDecodeError as exc:
+        raise MetadataError(f"{source}: not UTF-8 text (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise MetadataError(
+            f"{source}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
+    except MetadataError as exc:
+        raise MetadataError(f"{source}: {exc.message}") from exc
+    except RecursionError as exc:
+        raise MetadataError(f"{source}: nested too deeply to be a registry") from exc
+    except ValueError as exc:  # e.g. a float literal too long to convert
+        raise MetadataError(f"{source}: {exc}") from exc
+
+
 @contextmanager
-def edit_metadata(path: Path) -> Iterator[Metadata]:
-    """Read, change and write the metadata under an exclusive lock (no lost updates)."""
+def edit_metadata(
+    path: Path,
+    *,
+    lenient_latest: bool = False,
+    on_wait: Callable[[Path], None] | None = None,
+) -> Iterator[Metadata]:
+    """Read, change and write the metadata under an exclusive lock (no lost updates).
+
+    ``on_wait`` is told when another nexus process holds the lock for more than a second.
+    """
     lock_path = path.parent / ".nexus" / "meta.lock"
-    with exclusive_lock(lock_path):
-        metadata = Metadata.read(path)
+    with exclusive_lock(lock_path, on_wait=on_wait):
+        metadata = Metadata.read(path, lenient_latest=lenient_latest)
         yield metadata
         metadata.write(path)
+
+
+# merging two branches -----------------------------------------------------------------
+
+
+def _latest_or_none(metadata: Metadata, model: str) -> VersionRecord | None:
+    if not metadata.models.get(model):
+        return None
+    claimants = [v for v in metadata.models[model] if v.is_latest]
+    return max(claimants, key=newest_first_key) if claimants else None
+
+
+def _same_content(a: VersionRecord, b: VersionRecord) -> bool:
+    return (a.storage_uri, a.sha256, a.size_bytes) == (b.storage_uri, b.sha256, b.size_bytes)
+
+
+def _unchanged(record: VersionRecord, base: VersionRecord | None) -> bool:
+    return base is not None and replace(record, is_latest=False) == replace(base, is_latest=False)
+
+
+def _merged_latest(
+    base: VersionRecord | None, ours: VersionRecord | None, theirs: VersionRecord | None
+) -> str:
+    """The commit that is latest after a merge (see ``merge_metadata``)."""
+    if ours is None or theirs is None:
+        chosen = ours or theirs
+        assert chosen is not None
+        return chosen.commit_hash
+    base_commit = base.commit_hash if base else None
+    if ours.commit_hash == theirs.commit_hash or theirs.commit_hash == base_commit:
+        return ours.commit_hash
+    if ours.commit_hash == base_commit:
+        return theirs.commit_hash
+    return max(ours, theirs, key=newest_first_key).commit_hash
+
+
+def merge_metadata(base: Metadata, ours: Metadata, theirs: Metadata) -> Metadata:
+    """Merge two branches' registries the way `nexus merge-driver` does.
+
+    Versions: the union. Ours come first in their order, then theirs that ours lacks,
+    in theirs' order. A commit on both sides must name the same object (key, sha256,
+    size), else ``ConflictError``; when only one side edited such a record (its message,
+    say) relative to ``base``, that side's edit is kept, else ours.
+
+    Latest, per model: when one side left the latest as it was in ``base``, the other
+    side's choice wins (a store or a rollback on one branch survives the merge); when
+    both changed it, the version with the newest ``created_at`` wins, ties broken by the
+    larger commit hash.
+    """
+    merged: dict[str, list[VersionRecord]] = {}
+    for model in sorted(set(ours.models) | set(theirs.models)):
+        our_versions = ours.models.get(model, [])
+        their_versions = {v.commit_hash: v for v in theirs.models.get(model, [])}
+        base_versions = {v.commit_hash: v for v in base.models.get(model, [])}
+        result: list[VersionRecord] = []
+        for record in our_versions:
+            other = their_versions.pop(record.commit_hash, None)
+            if other is not None and not _same_content(record, other):
+                raise ConflictError(
+                    f"{model}@{record.short_commit} names different objects on the two "
+                    f"branches ({record.storage_uri} sha256 {record.sha256[:12]} and "
+                    f"{other.storage_uri} sha256 {other.sha256[:12]}); resolve it by hand"
+                )
+            keep_theirs = other is not None and _unchanged(record, base_versions.get(
+                record.commit_hash))  # fmt: skip
+            result.append(replace(other if keep_theirs else record))
+        result.extend(replace(v) for v in their_versions.values())
+        latest = _merged_latest(
+            _latest_or_none(base, model), _latest_or_none(ours, model),
+            _latest_or_none(theirs, model),
+        )  # fmt: skip
+        for record in result:
+            record.is_latest = record.commit_hash == latest
+        merged[model] = result
+    return Metadata(merged)

@@ -13,6 +13,22 @@ COMMIT_PREFIX_RE = re.compile(r"[0-9a-f]{4,40}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 EXTENSION_RE = re.compile(r"\.[a-z0-9_]{1,16}")
 SHORT_SHA_LENGTH = 7
+#: characters that must never reach a terminal raw: C0 and C1 controls, DEL, and the
+#: invisible bidirectional overrides that reorder what a person reads ("Trojan Source")
+CONTROL_CHAR_RE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def refuse_control_chars(value: str, what: str) -> str:
+    """Return ``value`` when it holds no control character, else raise ``UsageError``."""
+    found = CONTROL_CHAR_RE.search(value)
+    if found:
+        raise UsageError(
+            f"{what} contains a control character ({ascii(found.group())} at position "
+            f"{found.start()}); use printable text on one line"
+        )
+    return value
 
 
 def validate_model_name(name: str) -> str:

@@ -7,20 +7,25 @@ or not known.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from nexus_cli.errors import UsageError
+from nexus_cli.names import refuse_control_chars
 
 DATATYPES = (
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
     "FP16", "BF16", "FP32", "FP64", "BYTES",
 )  # fmt: skip
+#: dimensions are int64 in every runtime that reads them (torch, numpy, KServe v2)
+MAX_DIMENSION = 2**63 - 1
 
 
 def _check_tensors(value: Any, where: str) -> list[dict]:
     if not isinstance(value, list):
         raise UsageError(f"{where} must be a list of tensors")
     checked = []
+    names: set[str] = set()
     for index, tensor in enumerate(value):
         at = f"{where}[{index}]"
         if not isinstance(tensor, dict) or set(tensor) != {"name", "datatype", "shape"}:
@@ -28,6 +33,10 @@ def _check_tensors(value: Any, where: str) -> list[dict]:
         name, datatype, shape = tensor["name"], tensor["datatype"], tensor["shape"]
         if not isinstance(name, str) or not name:
             raise UsageError(f"{at}.name must be a non-empty string")
+        refuse_control_chars(name, f"{at}.name")
+        if name in names:
+            raise UsageError(f"{at}.name {name!r} is used twice in {where}")
+        names.add(name)
         if datatype not in DATATYPES:
             raise UsageError(f"{at}.datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
         if (
@@ -35,10 +44,11 @@ def _check_tensors(value: Any, where: str) -> list[dict]:
             or not shape
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape)
             or 0 in shape
+            or any(d > MAX_DIMENSION for d in shape)
         ):
             raise UsageError(
-                f"{at}.shape must be a non-empty list of positive integers or -1 "
-                "(the first being the batch)"
+                f"{at}.shape must be a non-empty list of positive integers (at most 2**63-1) "
+                "or -1 (the first being the batch)"
             )
         checked.append({"name": name, "datatype": datatype, "shape": list(shape)})
     return checked
@@ -65,14 +75,17 @@ def parse_signature_json(text: str) -> dict:
 
 def signature_from_input_shape(dims: str, datatype: str = "FP32") -> dict:
     """Build a signature from ``--input-shape 3,224,224``: one sample's shape, no batch."""
-    try:
-        shape = [int(part) for part in dims.replace("x", ",").split(",") if part.strip()]
-    except ValueError as exc:
+    parts = [part.strip() for part in dims.replace("x", ",").split(",")]
+    if not all(re.fullmatch(r"-1|[0-9]{1,19}", part) for part in parts):
         raise UsageError(
-            f"--input-shape {dims!r}: give the dimensions of one sample, like 8 or 3,224,224"
-        ) from exc
-    if not shape or any(d < 1 and d != -1 for d in shape):
-        raise UsageError(f"--input-shape {dims!r}: dimensions must be positive integers or -1")
+            f"--input-shape {dims!r}: give the dimensions of one sample, like 8 or 3,224,224 "
+            "(positive integers or -1, separated by commas)"
+        )
+    shape = [int(part) for part in parts]
+    if any(d == 0 or d > MAX_DIMENSION for d in shape):
+        raise UsageError(
+            f"--input-shape {dims!r}: dimensions must be positive integers (at most 2**63-1) or -1"
+        )
     return validate_signature(
         {
             "inputs": [{"name": "input", "datatype": datatype, "shape": [-1, *shape]}],

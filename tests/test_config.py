@@ -29,7 +29,7 @@ def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
 def test_environment_can_switch_provider(tmp_path: Path) -> None:
     config = load_config(
         tmp_path / "missing",
-        environ={"NEXUS_PROVIDER": "minio", "NEXUS_BUCKET": "b",
+        environ={"NEXUS_PROVIDER": "minio", "NEXUS_BUCKET": "bkt",
                  "NEXUS_ENDPOINT_URL": "http://127.0.0.1:9000"},
     )  # fmt: skip
     assert (config.provider, config.endpoint_url) == ("minio", "http://127.0.0.1:9000")
@@ -39,7 +39,7 @@ def test_environment_can_switch_provider(tmp_path: Path) -> None:
     "text",
     [
         '[storage]\naws_secret_access_key = "abc"\n',
-        '[storage]\nprovider = "s3"\nbucket = "b"\naccess_key_id = "AKIA"\n',
+        '[storage]\nprovider = "s3"\nbucket = "bkt"\naccess_key_id = "AKIA"\n',
         '[storage]\npassword = "hunter2"\n',
         '[credentials]\ntoken = "x"\n',
     ],
@@ -68,9 +68,9 @@ def test_malformed_files_say_what_is_wrong(text: str, message: str) -> None:
     [
         ({"provider": "ftp"}, "unknown storage provider"),
         ({"provider": "s3"}, "needs a bucket"),
-        ({"provider": "minio", "bucket": "b"}, "needs an endpoint"),
-        ({"provider": "s3", "bucket": "b", "endpoint_url": "127.0.0.1:9000"}, "http"),
-        ({"provider": "s3", "bucket": "b", "prefix": "a/../b"}, r"\.\."),
+        ({"provider": "minio", "bucket": "bkt"}, "needs an endpoint"),
+        ({"provider": "s3", "bucket": "bkt", "endpoint_url": "127.0.0.1:9000"}, "http"),
+        ({"provider": "s3", "bucket": "bkt", "prefix": "a/../b"}, r"\.\."),
     ],
 )
 def test_invalid_settings_are_refused(values: dict, message: str) -> None:
@@ -79,15 +79,38 @@ def test_invalid_settings_are_refused(values: dict, message: str) -> None:
 
 
 def test_render_round_trips() -> None:
-    config = StorageConfig(provider="s3", bucket='odd "name"', prefix="p", region="us-east-1")
+    config = StorageConfig(provider="s3", bucket="b-1.x", prefix='odd "name"', region="us-east-1")
     assert resolve_config(parse_config(render_config(config)), environ={}) == config
 
 
 def test_endpoint_with_credentials_is_refused() -> None:
     values = {
         "provider": "minio",
-        "bucket": "b",
+        "bucket": "bkt",
         "endpoint_url": "http://key:secret@127.0.0.1:9000",
     }
     with pytest.raises(ConfigError, match="must not hold credentials"):
         resolve_config(values, environ={})
+
+
+@pytest.mark.parametrize(
+    ("provider", "bucket"),
+    [("s3", "ab"), ("s3", "a" * 64), ("s3", "My_Bucket"), ("minio", "-bucket"), ("s3", "bucket-"),
+     ("s3", "a..b"), ("s3", "192.168.1.1"), ("gcs", "UPPER"), ("s3", "under_score")],
+)  # fmt: skip
+def test_invalid_bucket_names_are_refused_at_config_time(provider: str, bucket: str) -> None:
+    values = {"provider": provider, "bucket": bucket, "endpoint_url": "http://127.0.0.1:9"}
+    with pytest.raises(ConfigError, match="invalid bucket name"):
+        resolve_config(values, environ={})
+
+
+@pytest.mark.parametrize(
+    ("provider", "bucket"), [("s3", "abc"), ("s3", "my.models-2"), ("gcs", "team_models")]
+)
+def test_valid_bucket_names_pass(provider: str, bucket: str) -> None:
+    assert resolve_config({"provider": provider, "bucket": bucket}, environ={}).bucket == bucket
+
+
+def test_a_named_config_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "typo.nexusrc", environ={}, must_exist=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nexus_cli.errors import MetadataError, NotFoundError
+from nexus_cli.errors import AmbiguousCommitError, MetadataError, NotFoundError
 from nexus_cli.metadata import Metadata, VersionRecord, edit_metadata
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
@@ -116,7 +116,7 @@ def test_find_by_prefix() -> None:
     metadata.put(record("abcd" + "1" * 36), make_latest=True)
     metadata.put(record("abcd" + "2" * 36), make_latest=True)
     assert metadata.find("prod_model", "abcd2").commit_hash.endswith("2" * 36)
-    with pytest.raises(MetadataError, match="matches 2 versions"):
+    with pytest.raises(AmbiguousCommitError, match="matches 2 versions"):
         metadata.find("prod_model", "abcd")
     with pytest.raises(NotFoundError):
         metadata.find("prod_model", "ffff")
