@@ -28,6 +28,7 @@ import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Any, Protocol
 
 from nexus_cli.serving import (
@@ -114,7 +115,7 @@ class Request:
 
     part: bytes
     n: int
-    deadline: float  # loop time
+    deadline: float  # time.monotonic()
     request_id: str
     future: asyncio.Future
     enqueued: float
@@ -236,9 +237,8 @@ class Batcher:
     async def drain(self, timeout: float) -> None:
         """Refuse new requests; let queued and in-flight ones finish within ``timeout``."""
         self.draining = True
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while (self._queue or self._tasks) and loop.time() < end:
+        end = monotonic() + timeout
+        while (self._queue or self._tasks) and monotonic() < end:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -278,14 +278,14 @@ class Batcher:
             raise QueueFull(
                 f"the queue is full ({self.max_queue_bytes} bytes waiting)", retry_after=1
             )
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        request = Request(part, n, now + timeout, request_id, loop.create_future(), now)
+        now = monotonic()
+        future = asyncio.get_running_loop().create_future()
+        request = Request(part, n, now + timeout, request_id, future, now)
         self._queue.append(request)
         self._queued_bytes += request.nbytes
         self._wakeup.set()
         try:
-            async with asyncio.timeout_at(request.deadline):
+            async with asyncio.timeout(timeout):
                 return await request.future
         except TimeoutError:
             raise GatewayTimeout(f"no answer within {timeout:g} s") from None
@@ -296,8 +296,11 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             self._wakeup.clear()
-            when = self._dispatch(loop.time())
-            timer = loop.call_at(when, self._wakeup.set) if when is not None else None
+            now = monotonic()
+            when = self._dispatch(now)
+            timer = None
+            if when is not None:  # the loop's clock may be coarse (uvloop: 1 ms): go relative
+                timer = loop.call_later(max(0.0, when - now), self._wakeup.set)
             await self._wakeup.wait()
             if timer is not None:
                 timer.cancel()
@@ -424,7 +427,6 @@ class Batcher:
     async def _run_batch(
         self, upstream: Upstream, batch: list[Request], samples: int, flight_id: int, now: float
     ) -> None:
-        loop = asyncio.get_running_loop()
         status = 200
         try:
             status = await self._deliver(upstream, batch)
@@ -441,7 +443,7 @@ class Batcher:
                         UpstreamError(f"the batch failed: {type(exc).__name__}")
                     )
         finally:
-            round_trip = loop.time() - now
+            round_trip = monotonic() - now
             self._flights[id(upstream)].pop(flight_id, None)
             if status == 200:
                 self.cost.observe(samples, round_trip)
@@ -465,8 +467,7 @@ class Batcher:
         live = [r for r in batch if not r.future.done()]
         if not live:
             return 200
-        loop = asyncio.get_running_loop()
-        timeout = max(r.deadline for r in live) - loop.time()
+        timeout = max(r.deadline for r in live) - monotonic()
         if timeout <= 0:
             for request in live:
                 if not request.future.done():

@@ -1,0 +1,128 @@
+"""Every ``NEXUS_*`` variable the proxy reads, validated once at start.
+
+A bad value stops the proxy before it listens, with a message that names the
+variable, what it holds and what it should hold.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T", int, float)
+
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_server_urls: tuple[str, ...] = ("http://127.0.0.1:8000",)
+    max_batch_size: int = 32
+    max_wait_ms: float = 50.0
+    max_queue: int = 1024
+    max_queue_bytes: int = 256 * MIB
+    request_timeout_s: float = 30.0
+    max_body_bytes: int = 64 * MIB
+    api_token: str | None = field(default=None, repr=False)
+    model_server_token: str | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    health_interval_s: float = 1.0
+    etcd_endpoints: tuple[str, ...] = ()
+    advertise_url: str | None = None
+    etcd_ttl_s: float = 10.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and check every variable; ``SettingsError`` names the first bad one."""
+        env = os.environ if environ is None else environ
+        urls = tuple(
+            _url("NEXUS_MODEL_SERVER_URL", u)
+            for u in _list(env, "NEXUS_MODEL_SERVER_URL", "http://127.0.0.1:8000")
+        )
+        if not urls:
+            raise SettingsError("NEXUS_MODEL_SERVER_URL: give at least one model server URL")
+        api_token = env.get("NEXUS_API_TOKEN") or None
+        etcd = tuple(_list(env, "NEXUS_ETCD_ENDPOINTS", ""))
+        advertise = env.get("NEXUS_ADVERTISE_URL") or None
+        if etcd and not advertise:
+            raise SettingsError(
+                "NEXUS_ADVERTISE_URL is required with NEXUS_ETCD_ENDPOINTS: the base URL other "
+                "hosts reach this proxy at, e.g. http://10.0.0.5:8080"
+            )
+        if advertise:
+            advertise = _url("NEXUS_ADVERTISE_URL", advertise)
+        level = env.get("NEXUS_LOG_LEVEL", "info").lower()
+        if level not in ("critical", "error", "warning", "info", "debug"):
+            raise SettingsError(
+                f"NEXUS_LOG_LEVEL={level!r}: use one of critical, error, warning, info, debug"
+            )
+        return cls(
+            model_server_urls=urls,
+            max_batch_size=_number(env, "NEXUS_MAX_BATCH_SIZE", 32, int, low=1, high=65536),
+            max_wait_ms=_number(env, "NEXUS_MAX_WAIT_MS", 50.0, float, low=0, high=60_000),
+            max_queue=_number(env, "NEXUS_MAX_QUEUE", 1024, int, low=1, high=1_000_000),
+            max_queue_bytes=_number(
+                env, "NEXUS_MAX_QUEUE_BYTES", 256 * MIB, int, low=1024, high=1 << 40
+            ),
+            request_timeout_s=_number(
+                env, "NEXUS_REQUEST_TIMEOUT_S", 30.0, float, low=0.001, high=86_400
+            ),
+            max_body_bytes=_number(env, "NEXUS_MAX_BODY_BYTES", 64 * MIB, int, low=1, high=1 << 40),
+            api_token=api_token,
+            model_server_token=env.get("NEXUS_MODEL_SERVER_TOKEN") or api_token,
+            host=env.get("NEXUS_HOST", "127.0.0.1") or "127.0.0.1",
+            port=_number(env, "NEXUS_PORT", 8080, int, low=0, high=65535),
+            health_interval_s=_number(
+                env, "NEXUS_HEALTH_INTERVAL_S", 1.0, float, low=0.01, high=3600
+            ),
+            etcd_endpoints=etcd,
+            advertise_url=advertise,
+            etcd_ttl_s=_number(env, "NEXUS_ETCD_TTL_S", 10.0, float, low=1, high=86_400),
+            log_level=level,
+        )
+
+
+def _list(env: Mapping[str, str], name: str, default: str) -> list[str]:
+    return [item.strip() for item in env.get(name, default).split(",") if item.strip()]
+
+
+def _url(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{name}: {value!r} is not an http(s) URL like http://127.0.0.1:8000")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise SettingsError(f"{name}: {value!r} has a bad port") from None
+    return value.rstrip("/")
+
+
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    default: T,
+    kind: Callable[[str], T],
+    *,
+    low: float,
+    high: float,
+) -> T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise SettingsError(f"{name}={raw!r}: expected {what}") from None
+    if not low <= value <= high or value != value:
+        raise SettingsError(f"{name}={raw!r}: expected a value from {low:g} to {high:g}")
+    return value
