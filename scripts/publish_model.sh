@@ -6,6 +6,7 @@
 # Run it at the root of a clean checkout of the commit that produced MODEL_FILE (keep the
 # file outside the working tree, or in a git-ignored folder). Storage and credentials come
 # from the environment (NEXUS_PROVIDER, NEXUS_BUCKET, AWS_* ...), never from this repo.
+# A re-run for a commit already published on the branch succeeds without storing again.
 # Any failure exits non-zero: nexus's own exit code when it is nexus that failed (SPEC
 # section 4: 3 git, 4 not found, 5 conflict, 6 storage/credentials, 7 integrity).
 #
@@ -47,7 +48,17 @@ fi
 
 built_from=$(git rev-parse HEAD)
 result=$(mktemp)
-trap 'rm -f "$result"' EXIT
+published=$(mktemp)
+trap 'rm -f "$result" "$published"' EXIT
+
+# A re-run of the job for a commit that is already published has nothing to do (its
+# rebuilt weights may differ byte for byte, which nexus would refuse as a conflict).
+git fetch --quiet "$remote" "$branch"
+if git show "FETCH_HEAD:$meta" > "$published" 2>/dev/null \
+    && "$nexus" list "$model_name" --json --meta "$published" 2>/dev/null | grep -q "$built_from"; then
+    log "$model_name is already published for ${built_from:0:12} on $remote/$branch: nothing to do"
+    exit 0
+fi
 
 log "storing $model_file as $model_name at ${built_from:0:12}"
 status=0
