@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,6 @@ from proxy.registration import (
     Registration,
     RegistrationError,
     registration_from_env,
-    service_key,
 )
 from tests import etcd_server
 from tests.cloud_servers import free_port
@@ -171,38 +169,58 @@ def test_stop_is_bounded_when_etcd_is_gone() -> None:
     assert _run(scenario()) < 10
 
 
-_REGISTERED_PROCESS = textwrap.dedent(
-    """
-    import asyncio, sys
-    from proxy.registration import Registration
+def _start_proxy(etcd: Etcd, tmp_path: Path, name: str) -> tuple[subprocess.Popen, str]:
+    """A real ``python -m proxy`` registering in ``etcd`` (its model server is absent:
+    registration does not wait for one)."""
+    port = free_port()
+    advertise = f"http://10.1.2.3:{port}"
+    env = {
+        **os.environ,
+        "NEXUS_PORT": str(port),
+        "NEXUS_MODEL_SERVER_URL": f"http://127.0.0.1:{free_port()}",
+        "NEXUS_ETCD_ENDPOINTS": etcd.url,
+        "NEXUS_ADVERTISE_URL": advertise,
+        "NEXUS_ETCD_TTL_S": "3",
+    }
+    with open(tmp_path / f"{name}.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parent.parent,
+        )  # fmt: skip
+    return process, advertise
 
-    async def main():
-        registration = Registration([sys.argv[1]], "http://h:8080", ttl_s=2,
-                                    instance_id=sys.argv[2])
-        await registration.start({"model": None})
-        print("registered", flush=True)
-        await asyncio.Event().wait()
 
-    asyncio.run(main())
-    """
-)
-
-
-def test_a_killed_process_disappears_when_its_lease_expires(etcd: Etcd) -> None:
-    key = service_key("killed")
-    process = subprocess.Popen(
-        [sys.executable, "-c", _REGISTERED_PROCESS, etcd.url, "killed"],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == "registered"
+def _registered_as(etcd: Etcd, advertise: str) -> str | None:
+    for key in etcd.keys(SERVICE_PREFIX):
         entry = etcd.get(key)
-        assert entry is not None
-        os.kill(process.pid, signal.SIGKILL)  # no shutdown hook runs: only the lease can help
-        process.wait(timeout=10)
-        assert etcd.lease_ttl(entry["lease"]) > 0, "the lease outlives the process for a while"
-        wait_until(lambda: etcd.get(key) is None, timeout=15, what="the lease to expire")
+        if entry is not None and json.loads(entry["value"])["url"] == advertise:
+            return key
+    return None
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_proxy_process_registers_and_leaves_when_stopped_or_killed(
+    etcd: Etcd, tmp_path: Path, how: str
+) -> None:
+    process, advertise = _start_proxy(etcd, tmp_path, how)
+    try:
+        wait_until(lambda: _registered_as(etcd, advertise) is not None, timeout=30,
+                   what="the proxy to register")  # fmt: skip
+        key = _registered_as(etcd, advertise)
+        entry = etcd.get(key)
+        document = json.loads(entry["value"])
+        assert document["metadata"]["schema_version"] == "v1", "its /v1/metadata document"
+        assert etcd.lease_ttl(entry["lease"]) > 0
+        os.kill(process.pid, getattr(signal, how))
+        process.wait(timeout=30)
+        if how == "SIGTERM":
+            # a clean shutdown revokes the lease: the key goes at once
+            assert etcd.get(key) is None
+            assert etcd.lease_ttl(entry["lease"]) == -1
+        else:
+            # no shutdown hook runs: the lease outlives the process until its TTL is up
+            assert etcd.lease_ttl(entry["lease"]) > 0
+            wait_until(lambda: etcd.get(key) is None, timeout=15, what="the lease to expire")
     finally:
         if process.poll() is None:
             process.kill()
