@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import itertools
 import os
+import stat
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -20,12 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from nexus_cli.errors import IntegrityError
+from nexus_cli.errors import IntegrityError, UsageError
 from nexus_cli.files import temp_path_beside
 
 CHUNK_SIZE = 8 * 1024 * 1024
 #: chunks a StreamHasher lets wait for the hashing thread
 HASH_DEPTH = 3
+#: bytes the kernel copies per copy_file_range call before the hasher is told about them
+COPY_STEP = 16 * 1024 * 1024
+#: copy_file_range cannot copy between these two files: copy through user space instead
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 Progress = Callable[[int], None]
 
 
@@ -53,6 +59,58 @@ class Digest:
 
     sha256: str
     size: int
+
+
+class SourceFile:
+    """The file a user asked to store, open for reading.
+
+    Failing to open or read it is a problem with a path the user named (``UsageError``,
+    exit 2, naming the path), never the store's: a backend reads its input only through
+    this class, so it can tell the two apart.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._handle = open(path, "rb")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise self._error(exc) from exc
+        try:
+            info = os.fstat(self._handle.fileno())
+        except OSError as exc:
+            self._handle.close()
+            raise self._error(exc) from exc
+        self.size = info.st_size
+        #: a regular file (not a pipe or a device): the kernel can copy it
+        self.is_regular = stat.S_ISREG(info.st_mode)
+
+    def _error(self, exc: OSError) -> UsageError:
+        reason = exc.strerror or str(exc)
+        return UsageError(f"cannot read {self.path}: {reason}")
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._handle.read(size)
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        try:
+            return self._handle.readinto(buffer)
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> SourceFile:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 class StreamHasher:
@@ -135,8 +193,84 @@ def hash_stream(chunks: Iterator[bytes], progress: Progress = no_progress) -> Di
         hasher.close()
 
 
+def copy_file_hashed(
+    source: BinaryIO | SourceFile, target: BinaryIO, progress: Progress = no_progress
+) -> Digest:
+    """Copy ``source`` to ``target`` (both at offset 0) and return the digest of the copy.
+
+    ``target`` must be open for reading too (``"x+b"``): the hasher reads it back.
+
+    The kernel copies (``copy_file_range``: no bytes cross into Python, and a filesystem
+    that can share extents does so) while one helper thread hashes what has landed in
+    ``target``, from the page cache: the digest is of the bytes that were written, not
+    of a second read of the source. Where the kernel cannot copy between the two files
+    (a pipe, another filesystem, an OS without the call), it is a buffered copy.
+    """
+    regular = getattr(source, "is_regular", None)
+    if regular is None:
+        regular = stat.S_ISREG(os.fstat(source.fileno()).st_mode)
+    if not regular or not hasattr(os, "copy_file_range"):
+        return copy_hashed(source, target, progress)
+    target.flush()
+    src, dst = source.fileno(), target.fileno()
+    try:
+        copied = os.copy_file_range(src, dst, COPY_STEP, 0, 0)
+    except OSError as exc:
+        if exc.errno not in _NO_KERNEL_COPY:
+            raise
+        return copy_hashed(source, target, progress)
+    follower = _CopyHasher(dst)
+    try:
+        offset = 0
+        while copied:
+            follower.hash_range(offset, copied)
+            progress(copied)
+            offset += copied
+            copied = os.copy_file_range(src, dst, COPY_STEP, offset, offset)
+        os.lseek(dst, offset, os.SEEK_SET)
+        return follower.digest()
+    finally:
+        follower.close()
+
+
+class _CopyHasher:
+    """Hashes ranges of a file, in order, on one helper thread, as a copy lands them."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._buffer = bytearray(CHUNK_SIZE)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-hash")
+        self._pending: deque[Future] = deque()
+
+    def _hash_range(self, offset: int, count: int) -> None:
+        view = memoryview(self._buffer)
+        end = offset + count
+        while offset < end:
+            got = os.preadv(self._fd, [view[: min(CHUNK_SIZE, end - offset)]], offset)
+            if not got:
+                raise OSError(errno.EIO, "the copy is shorter than the kernel reported")
+            self._hash.update(view[:got])
+            offset += got
+
+    def hash_range(self, offset: int, count: int) -> None:
+        self._size += count
+        self._pending.append(self._pool.submit(self._hash_range, offset, count))
+        while len(self._pending) > HASH_DEPTH:
+            self._pending.popleft().result()
+
+    def digest(self) -> Digest:
+        while self._pending:
+            self._pending.popleft().result()
+        return Digest(self._hash.hexdigest(), self._size)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def copy_hashed(source: BinaryIO, target: BinaryIO, progress: Progress = no_progress) -> Digest:
-    """Copy ``source`` to ``target`` and return the digest of what was copied."""
+    """Copy ``source`` to ``target`` through reused buffers; the digest of what was copied."""
     hasher = StreamHasher()
     try:
         for chunk in reused_chunks(source):
@@ -175,23 +309,23 @@ def ordered_parallel(fn: Callable[[T], R], items: Iterable[T], workers: int) -> 
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def hashed_parts(path: Path, part_size: int, hasher: StreamHasher) -> Iterator[tuple[int, bytes]]:
-    """``(part_number, bytes)`` of ``path`` from 1, each fed to ``hasher`` as it is read."""
-    with open(path, "rb") as handle:
-        for number, chunk in enumerate(read_chunks(handle, part_size), start=1):
-            hasher.update(chunk)
-            yield number, chunk
+def hashed_parts(
+    handle: BinaryIO | SourceFile, part_size: int, hasher: StreamHasher
+) -> Iterator[tuple[int, bytes]]:
+    """``(part_number, bytes)`` of ``handle`` from 1, each fed to ``hasher`` as it is read."""
+    for number, chunk in enumerate(read_chunks(handle, part_size), start=1):
+        hasher.update(chunk)
+        yield number, chunk
 
 
-def read_hashed(path: Path) -> tuple[bytes, Digest]:
-    """The whole of ``path`` (a small file) and its digest, from one read."""
+def read_hashed(handle: BinaryIO | SourceFile) -> tuple[bytes, Digest]:
+    """The whole of ``handle`` (a small file) and its digest, from one read."""
     hasher = StreamHasher()
     chunks = []
     try:
-        with open(path, "rb") as handle:
-            for chunk in read_chunks(handle):
-                hasher.update(chunk)
-                chunks.append(chunk)
+        for chunk in read_chunks(handle):
+            hasher.update(chunk)
+            chunks.append(chunk)
         return b"".join(chunks), hasher.digest()
     finally:
         hasher.close()
@@ -215,29 +349,37 @@ class VerifiedSink:
     would make every `nexus load` wait for the disk.
     """
 
-    def __init__(self, target: Path, expected: Digest) -> None:
+    def __init__(self, target: Path, expected: Digest, *, source: str | None = None) -> None:
+        """``source`` names what is downloaded (``key in s3://bucket``) in integrity errors."""
         self.target = target
         self.expected = expected
+        self.source = source or target.name
         target.parent.mkdir(parents=True, exist_ok=True)
         self.temp = temp_path_beside(target)
-        self._handle = open(self.temp, "xb")  # noqa: SIM115 - closed in commit/discard
+        self._handle = open(self.temp, "x+b")  # noqa: SIM115 - closed in commit/discard
         self._hasher = StreamHasher()
+        self._copied: Digest | None = None
 
     def write(self, chunk: bytes | memoryview) -> int:
         self._hasher.update(chunk)
         return self._handle.write(chunk)
 
+    def copy_from(self, source: BinaryIO, progress: Progress = no_progress) -> None:
+        """Fill the sink from a whole local file, by the kernel where it can (nothing
+        may have been written before)."""
+        self._copied = copy_file_hashed(source, self._handle, progress)
+
     def commit(self) -> Digest:
         try:
-            actual = self._hasher.digest()
+            actual = self._copied or self._hasher.digest()
             if actual.size != self.expected.size:
                 raise IntegrityError(
-                    f"size mismatch for {self.target.name}: expected {self.expected.size} bytes, "
+                    f"size mismatch for {self.source}: expected {self.expected.size} bytes, "
                     f"got {actual.size}"
                 )
             if actual.sha256 != self.expected.sha256:
                 raise IntegrityError(
-                    f"sha256 mismatch for {self.target.name}: expected {self.expected.sha256}, "
+                    f"sha256 mismatch for {self.source}: expected {self.expected.sha256}, "
                     f"got {actual.sha256}"
                 )
             self._handle.close()

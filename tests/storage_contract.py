@@ -162,12 +162,35 @@ class StorageContract:
         download_dir.mkdir()
         target = download_dir / "k.pt"
         wrong_sha = Digest("0" * 64, len(b"real bytes"))
-        with pytest.raises(IntegrityError, match="sha256"):
+        with pytest.raises(IntegrityError, match="sha256") as caught:
             store.get_file("m/k.pt", target, wrong_sha)
         wrong_size = Digest(digest_of(b"real bytes").sha256, 3)
         with pytest.raises(IntegrityError, match="size"):
             store.get_file("m/k.pt", target, wrong_size)
         assert list(download_dir.iterdir()) == []
+        # the message names the stored object and the store, not a temp file
+        assert f"sha256 mismatch for m/k.pt in {store.describe()}: expected {'0' * 64}" in str(
+            caught.value
+        )
+        assert ".incomplete" not in str(caught.value)
+
+    @pytest.mark.parametrize("problem", ["missing", "a-folder", "unreadable"])
+    def test_an_unreadable_source_is_the_user_s_path_problem(
+        self, store: ObjectStore, tmp_path: Path, problem: str
+    ) -> None:
+        """Exit 2 naming the file, not a storage error (exit 6): the store is fine."""
+        source = tmp_path / "weights.pt"
+        if problem == "a-folder":
+            source.mkdir()
+        elif problem == "unreadable":
+            if os.geteuid() == 0:
+                pytest.skip("root reads any file: permissions cannot make one unreadable")
+            write(tmp_path, "weights.pt", b"secret")
+            source.chmod(0)
+        with pytest.raises(UsageError, match=f"cannot read {source}") as caught:
+            store.put_file(source, "m/k.pt")
+        assert not isinstance(caught.value, StorageError)
+        assert store.stat("m/k.pt") is None
 
     def test_delete_is_idempotent(self, store: ObjectStore, tmp_path: Path) -> None:
         store.put_file(write(tmp_path, "a", b"x"), "m/k.pt")

@@ -357,7 +357,7 @@ def test_gcs_missing_bucket(repo: Repo, gcs_bucket: str, monkeypatch) -> None:
 
 def test_gcs_unreachable_endpoint_fails_fast(repo: Repo, monkeypatch, dead_endpoint) -> None:
     dead = dead_endpoint
-    for name, value in {"NEXUS_PROVIDER": "gcs", "NEXUS_BUCKET": "b",
+    for name, value in {"NEXUS_PROVIDER": "gcs", "NEXUS_BUCKET": "some-bucket",
                         "STORAGE_EMULATOR_HOST": dead}.items():  # fmt: skip
         monkeypatch.setenv(name, value)
     started = time.monotonic()
@@ -368,7 +368,7 @@ def test_gcs_unreachable_endpoint_fails_fast(repo: Repo, monkeypatch, dead_endpo
 
 def test_gcs_missing_credentials(repo: Repo, monkeypatch, dead_endpoint: str) -> None:
     monkeypatch.setenv("NEXUS_PROVIDER", "gcs")
-    monkeypatch.setenv("NEXUS_BUCKET", "b")
+    monkeypatch.setenv("NEXUS_BUCKET", "some-bucket")
     # no emulator, no key file, and no probing for a GCE metadata server either
     monkeypatch.setenv("NO_GCE_CHECK", "true")
     monkeypatch.setenv("GCE_METADATA_HOST", dead_endpoint.removeprefix("http://"))

@@ -116,7 +116,7 @@ class ObjectStore(ABC):
         same promise: bytes are hashed as they arrive and renamed into place at the end.
         """
         validate_storage_key(key)
-        with VerifiedSink(target, expected) as sink:
+        with VerifiedSink(target, expected, source=f"{key} in {self.describe()}") as sink:
             for chunk in self.iter_bytes(key):
                 sink.write(chunk)
                 progress(len(chunk))

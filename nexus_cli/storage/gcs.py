@@ -1,5 +1,6 @@
 """Google Cloud Storage, through google-cloud-storage.
 
+The shape of every operation is ``BucketStore``'s; this module is the GCS calls.
 Create-only writes use ``ifGenerationMatch=0``, which GCS checks atomically: of several
 writers of one key exactly one wins and the others get a 412.
 
@@ -11,7 +12,9 @@ and intermediate composes carry no precondition: a retry after a lost reply simp
 writes the same bytes again instead of failing with a 412. GCS's XML multipart API
 would avoid the temporary objects, but it accepts no preconditions, so a racing writer
 could silently replace the winner; compose does accept them. Large downloads fetch
-ranges of one generation in parallel and hand them over in order.
+ranges of one generation in parallel and hand them over in order. Every upload carries
+its token in the object's metadata (``nexus-upload``), so a 412 on the SDK's retry after
+a lost reply is recognised as our own write.
 
 GCS keeps a CRC32C and (for non-composite objects) an MD5, never a SHA-256, so ``stat``
 reports no SHA-256 and ``verify`` re-reads the bytes.
@@ -29,8 +32,10 @@ import os
 import secrets
 from collections.abc import Iterator
 from contextlib import closing
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import requests
 import urllib3
@@ -42,24 +47,19 @@ from google.cloud.storage import exceptions as media_errors
 from urllib3.exceptions import NewConnectionError
 
 from nexus_cli.config import StorageConfig
-from nexus_cli.errors import (
-    IntegrityError,
-    NexusError,
-    NotFoundError,
-    StorageError,
+from nexus_cli.errors import IntegrityError, NexusError, StorageError
+from nexus_cli.storage.base import Leftover
+from nexus_cli.storage.bucket import (
+    TEMP_ROOT,
+    UPLOAD_TOKEN_KEY,
+    BucketStore,
+    KeyTaken,
+    MiB,
+    StoredObject,
+    one_line,
 )
-from nexus_cli.storage.base import Leftover, ObjectInfo
-from nexus_cli.storage.bucket import BucketStore, MiB, one_line
-from nexus_cli.transfer import (
-    Digest,
-    Progress,
-    StreamHasher,
-    byte_ranges,
-    hashed_parts,
-    no_progress,
-    ordered_parallel,
-    read_hashed,
-)
+from nexus_cli.storage.notices import notice
+from nexus_cli.transfer import Digest, ordered_parallel
 
 #: the most the SDK sends in one request; above it, it opens a resumable session
 SINGLE_REQUEST_MAX = 8 * MiB
@@ -70,8 +70,7 @@ DEFAULT_PART_SIZE = SINGLE_REQUEST_MAX
 DEFAULT_PARALLEL_THRESHOLD = SINGLE_REQUEST_MAX
 DEFAULT_MAX_CONCURRENCY = 8
 MAX_COMPOSE_SOURCES = 32
-#: temporary part objects live here, under the store prefix; ``list`` never shows them
-TEMP_ROOT = ".nexus-uploads"
+# temporary part objects live under TEMP_ROOT, under the store prefix; ``list`` never shows them
 
 _PERMISSIONS = {
     "read": "storage.objects.get",
@@ -135,8 +134,26 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _NETWORK_BLIPS)
 
 
+def _retry_notice(exc: BaseException) -> None:
+    """Say on the terminal that a request is tried again, and why."""
+    if isinstance(exc, api_errors.GoogleAPICallError):
+        reason = f"GCS answered {exc.code}"
+    elif isinstance(exc, media_errors.InvalidResponse):
+        reason = f"GCS answered {exc.response.status_code}"
+    else:
+        reason = f"the connection failed ({type(exc).__name__})"
+    notice(f"a GCS request failed: {reason}; retrying")
+
+
 #: exponential backoff from 0.5 s to 8 s, at most 60 s in all, for transient errors only
-RETRY = Retry(predicate=is_transient, initial=0.5, maximum=8.0, multiplier=2.0, timeout=60.0)
+RETRY = Retry(
+    predicate=is_transient,
+    initial=0.5,
+    maximum=8.0,
+    multiplier=2.0,
+    timeout=60.0,
+    on_error=_retry_notice,
+)
 
 
 def make_client(endpoint_url: str | None) -> storage.Client:
@@ -147,11 +164,22 @@ def make_client(endpoint_url: str | None) -> storage.Client:
     return storage.Client(project=project, client_options=options)
 
 
+@dataclass
+class _Composite:
+    """A parallel composite upload in progress: its parts live under ``temp_prefix``."""
+
+    name: str
+    temp_prefix: str
+    token: str
+    cleaned: bool = field(default=False)
+
+
 class GCSStore(BucketStore):
     """Objects in a GCS bucket under an optional name prefix."""
 
     provider = "gcs"
     scheme = "gs"
+    sdk_errors = _TRANSLATED
 
     def __init__(
         self,
@@ -166,23 +194,29 @@ class GCSStore(BucketStore):
     ) -> None:
         if parallel_threshold > SINGLE_REQUEST_MAX:
             raise ValueError(f"parallel_threshold must be at most {SINGLE_REQUEST_MAX} bytes")
-        super().__init__(bucket, prefix)
+        super().__init__(
+            bucket,
+            prefix,
+            part_size=max(part_size, 256 * 1024),
+            single_request_max=parallel_threshold,
+            max_concurrency=max_concurrency,
+        )
         self.endpoint_url = endpoint_url or None
-        self.part_size = max(part_size, 256 * 1024)
-        self.parallel_threshold = parallel_threshold
-        self.max_concurrency = max(max_concurrency, 1)
-        self._bucket_checked = False
         if client is None:
             with self._translated("connect to"):
                 client = make_client(self.endpoint_url)
         self._client = client
         self._bucket = client.bucket(bucket)
 
+    @property
+    def parallel_threshold(self) -> int:
+        return self.single_request_max
+
     @classmethod
     def from_config(cls, config: StorageConfig, base_dir: Path) -> GCSStore:
         return cls(config.bucket, prefix=config.prefix, endpoint_url=config.endpoint_url or None)
 
-    # keys and errors ----------------------------------------------------------------
+    # errors ---------------------------------------------------------------------------
 
     def _endpoint(self) -> str:
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -190,13 +224,7 @@ class GCSStore(BucketStore):
             return f"the GCS emulator at {emulator} (STORAGE_EMULATOR_HOST)"
         return f"the GCS endpoint {self.endpoint_url or 'https://storage.googleapis.com'}"
 
-    def _missing_bucket(self) -> StorageError:
-        return StorageError(
-            f"bucket {self.bucket_name!r} does not exist at {self._endpoint()}",
-            hint="create it, or fix storage.bucket / NEXUS_BUCKET",
-        )
-
-    def _error(self, exc: BaseException, action: str, key: str | None) -> NexusError:
+    def _translate(self, exc: BaseException, action: str, key: str | None) -> NexusError:
         """One line that names the bucket or endpoint and what to check."""
         if isinstance(exc, api_errors.RetryError) and exc.cause is not None:
             exc = exc.cause
@@ -219,7 +247,7 @@ class GCSStore(BucketStore):
             return IntegrityError(f"GCS checksum mismatch for {where}: {one_line(exc)}")
         if isinstance(exc, api_errors.NotFound):
             if action == "read" and key:
-                return NotFoundError(f"object {key} is missing from {self.describe()}")
+                return self._missing_object(key)
             return self._missing_bucket()
         if isinstance(exc, api_errors.Forbidden):
             return StorageError(
@@ -234,116 +262,72 @@ class GCSStore(BucketStore):
             )
         return StorageError(f"GCS failed to {action} {where}: {one_line(exc)}")
 
-    @contextlib.contextmanager
-    def _translated(self, action: str, key: str | None = None) -> Iterator[None]:
-        try:
-            yield
-        except _TRANSLATED as exc:
-            raise self._error(exc, action, key) from exc
+    # what the template asks of a provider ---------------------------------------------
 
-    def _check_bucket(self) -> None:
-        """Tell a missing bucket from a missing object after an ambiguous 404."""
-        if self._bucket_checked:
-            return
+    def _bucket_exists(self) -> bool:
         try:
-            exists = self._bucket.exists(retry=RETRY)
+            return self._bucket.exists(retry=RETRY)
         except api_errors.Forbidden:  # may read objects but not the bucket: that's fine
-            exists = True
-        if not exists:
-            raise self._missing_bucket()
-        self._bucket_checked = True
+            return True
+
+    def _lookup(self, key: str) -> StoredObject | None:
+        blob = self._get_blob(key)
+        if blob is None:
+            return None
+        return StoredObject(
+            size=blob.size or 0,
+            version=blob.generation,
+            upload_token=(blob.metadata or {}).get(UPLOAD_TOKEN_KEY),
+        )
 
     def _get_blob(self, key: str) -> storage.Blob | None:
-        blob = self._bucket.get_blob(self._name(key), retry=RETRY)
-        if blob is None:
-            self._check_bucket()
+        return self._bucket.get_blob(self._name(key), retry=RETRY)
+
+    def _tagged_blob(self, name: str, token: str) -> storage.Blob:
+        blob = self._bucket.blob(name)
+        blob.metadata = {UPLOAD_TOKEN_KEY: token}
         return blob
 
-    # the interface --------------------------------------------------------------------
-
-    def stat(self, key: str) -> ObjectInfo | None:
-        with self._translated("check", key):
-            blob = self._get_blob(key)
-        return None if blob is None else ObjectInfo(key=key, size=blob.size or 0)
-
-    def put_file(
-        self, source: Path, key: str, *, if_absent: bool = True, progress: Progress = no_progress
-    ) -> Digest:
-        name = self._name(key)
+    def _put_small(
+        self, name: str, body: bytes, digest: Digest, if_absent: bool, token: str
+    ) -> None:
+        """One request, create-only with generation 0 where asked."""
         try:
-            size = source.stat().st_size
-        except FileNotFoundError as exc:
-            raise NotFoundError(f"no such file: {source}") from exc
-        if_generation_match = 0 if if_absent else None
-        with self._translated("write", key):
-            if size <= self.parallel_threshold:
-                return self._put_single(source, name, key, if_generation_match, progress)
-            return self._put_composite(source, name, key, if_generation_match, progress)
-
-    def _put_single(
-        self,
-        source: Path,
-        name: str,
-        key: str,
-        if_generation_match: int | None,
-        progress: Progress,
-    ) -> Digest:
-        """One request with the bytes read (and hashed) once; create-only with generation 0."""
-        body, digest = read_hashed(source)
-        try:
-            self._bucket.blob(name).upload_from_string(
-                body, if_generation_match=if_generation_match, retry=RETRY
+            self._tagged_blob(name, token).upload_from_string(
+                body, if_generation_match=0 if if_absent else None, retry=RETRY
             )
         except api_errors.PreconditionFailed as exc:
-            raise self._exists_error(key, digest) from exc
-        progress(digest.size)
-        return digest
+            raise KeyTaken from exc
 
-    def _put_composite(
-        self,
-        source: Path,
-        name: str,
-        key: str,
-        if_generation_match: int | None,
-        progress: Progress,
-    ) -> Digest:
-        """Parts as temporary objects in parallel, joined by one create-only compose."""
+    def _start_parts(self, name: str, token: str) -> _Composite:
         temp_prefix = self._name(f"{TEMP_ROOT}/{secrets.token_hex(8)}") + "/"
+        return _Composite(name, temp_prefix, token)
 
-        def send(part: tuple[int, bytes]) -> tuple[int, str]:
-            number, chunk = part
-            part_name = f"{temp_prefix}{number:05d}"
-            # no precondition: the name is random, so nobody else writes it, and a retry
-            # after a lost reply must overwrite the part rather than fail with a 412
-            self._bucket.blob(part_name).upload_from_string(chunk, retry=RETRY)
-            return len(chunk), part_name
+    def _send_part(self, upload: _Composite, number: int, chunk: bytes) -> str:
+        part_name = f"{upload.temp_prefix}{number:05d}"
+        # no precondition: the name is random, so nobody else writes it, and a retry
+        # after a lost reply must overwrite the part rather than fail with a 412
+        self._bucket.blob(part_name).upload_from_string(chunk, retry=RETRY)
+        return part_name
 
-        hasher = StreamHasher()
+    def _finish_parts(self, upload: _Composite, parts: list[Any], if_absent: bool) -> None:
+        """One create-only compose of the parts (through intermediate objects past 32
+        sources); the temporary objects are deleted whatever happens."""
         try:
-            names = []
-            parts = hashed_parts(source, self.part_size, hasher)
-            with closing(ordered_parallel(send, parts, self.max_concurrency)) as sent:
-                for count, part_name in sent:
-                    names.append(part_name)
-                    progress(count)
-            digest = hasher.digest()
-            try:
-                self._compose(names, name, if_generation_match, temp_prefix)
-            except api_errors.PreconditionFailed as exc:
-                raise self._exists_error(key, digest) from exc
-            return digest
+            self._compose(parts, upload, 0 if if_absent else None)
+        except api_errors.PreconditionFailed as exc:
+            raise KeyTaken from exc
         finally:
-            hasher.close()
-            self._delete_temporaries(temp_prefix)
+            self._abort_parts(upload)
 
     def _compose(
-        self, names: list[str], name: str, if_generation_match: int | None, temp: str
+        self, names: list[str], upload: _Composite, if_generation_match: int | None
     ) -> None:
-        """Join ``names`` into ``name``, through intermediate objects past 32 sources.
+        """Join ``names`` into the upload's name, through intermediate objects past 32.
 
         Intermediate objects get random temporary names and no precondition (a retried
-        compose rewrites the same bytes); only the last compose, onto ``name``, carries
-        ``if_generation_match``.
+        compose rewrites the same bytes); only the last compose, onto the destination,
+        carries ``if_generation_match`` and the upload's token.
         """
         level = 0
         while len(names) > MAX_COMPOSE_SOURCES:
@@ -352,79 +336,63 @@ class GCSStore(BucketStore):
                 for i in range(0, len(names), MAX_COMPOSE_SOURCES)
             ]
             names = [
-                self._compose_one(group, f"{temp}c{level}-{index:05d}", None)
+                self._compose_one(
+                    group, self._bucket.blob(f"{upload.temp_prefix}c{level}-{index:05d}"), None
+                )
                 for index, group in enumerate(groups)
             ]
             level += 1
-        self._compose_one(names, name, if_generation_match)
+        destination = self._tagged_blob(upload.name, upload.token)
+        self._compose_one(names, destination, if_generation_match)
 
-    def _compose_one(self, sources: list[str], name: str, if_generation_match: int | None) -> str:
-        self._bucket.blob(name).compose(
+    def _compose_one(
+        self, sources: list[str], destination: storage.Blob, if_generation_match: int | None
+    ) -> str:
+        destination.compose(
             [self._bucket.blob(source) for source in sources],
             if_generation_match=if_generation_match,
             retry=RETRY,
         )
-        return name
+        return destination.name
 
-    def _delete_temporaries(self, temp_prefix: str) -> None:
-        """Best effort: what is left behind is for a lifecycle rule on ``.nexus-uploads/``."""
+    def _abort_parts(self, upload: _Composite) -> None:
+        """Delete the temporary objects (best effort: `nexus gc` finds what is left)."""
+        if upload.cleaned:
+            return
+        upload.cleaned = True
 
         def remove(blob: storage.Blob) -> None:
             with contextlib.suppress(api_errors.NotFound):
                 blob.delete(retry=RETRY)
 
         with contextlib.suppress(*_TRANSLATED):
-            blobs = self._client.list_blobs(self._bucket, prefix=temp_prefix, retry=RETRY)
+            blobs = self._client.list_blobs(self._bucket, prefix=upload.temp_prefix, retry=RETRY)
             with closing(ordered_parallel(remove, blobs, self.max_concurrency)) as removed:
                 for _ in removed:
                     pass
 
-    def iter_bytes(self, key: str) -> Iterator[bytes]:
-        """The bytes of one generation in order; large objects come in parallel ranges."""
-        with self._translated("read", key):
-            blob = self._get_blob(key)
-            if blob is None:
-                raise NotFoundError(f"object {key} is missing from {self.describe()}")
-            size = blob.size or 0
-            name, generation = blob.name, blob.generation
+    def _fetch_range(self, name: str, version: Any, span: tuple[int, int]) -> bytes:
+        start, end = span
+        # one Blob per range: download_as_bytes rewrites the blob's properties from each
+        # response, so a Blob shared between threads would race
+        pinned = self._bucket.blob(name, generation=version)
+        try:
+            return pinned.download_as_bytes(start=start, end=end - 1, checksum=None, retry=RETRY)
+        except api_errors.NotFound as exc:
+            raise self._changed_error(self._key(name)) from exc
 
-            def fetch(span: tuple[int, int]) -> bytes:
-                start, end = span
-                # one Blob per range: download_as_bytes rewrites the blob's properties
-                # from each response, so a Blob shared between threads would race
-                pinned = self._bucket.blob(name, generation=generation)
-                try:
-                    data = pinned.download_as_bytes(
-                        start=start, end=end - 1, checksum=None, retry=RETRY
-                    )
-                except api_errors.NotFound as exc:
-                    raise IntegrityError(
-                        f"object {key} in {self.describe()} changed while it was being read"
-                    ) from exc
-                if len(data) != end - start:
-                    raise IntegrityError(f"{key}: range {start}-{end} gave {len(data)} bytes")
-                return data
+    def _delete_name(self, name: str) -> bool:
+        try:
+            self._bucket.blob(name).delete(retry=RETRY)
+        except api_errors.NotFound:
+            return False
+        return True
 
-            with closing(
-                ordered_parallel(fetch, byte_ranges(size, self.part_size), self.max_concurrency)
-            ) as ranges:
-                yield from ranges
+    def _list_names(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for blob in self._client.list_blobs(self._bucket, prefix=prefix, retry=RETRY):
+            yield blob.name, blob.size or 0
 
-    def delete(self, key: str) -> None:
-        with self._translated("delete", key):
-            try:
-                self._bucket.blob(self._name(key)).delete(retry=RETRY)
-            except api_errors.NotFound:
-                self._check_bucket()
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        with self._translated("list"):
-            for blob in self._client.list_blobs(
-                self._bucket, prefix=self._root + prefix, retry=RETRY
-            ):
-                key = self._key(blob.name)
-                if not key.startswith(f"{TEMP_ROOT}/"):
-                    yield ObjectInfo(key=key, size=blob.size or 0)
+    # what interrupted uploads leave -----------------------------------------------------
 
     def leftovers(self, older_than: timedelta) -> Iterator[Leftover]:
         """Temporary parts under ``.nexus-uploads/`` created before the cutoff: what a

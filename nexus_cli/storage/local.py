@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,11 +23,11 @@ from nexus_cli.storage.base import Leftover, ObjectInfo, ObjectStore
 from nexus_cli.transfer import (
     Digest,
     Progress,
+    SourceFile,
     VerifiedSink,
-    copy_hashed,
+    copy_file_hashed,
     no_progress,
     read_chunks,
-    reused_chunks,
 )
 
 
@@ -59,33 +58,34 @@ class LocalStore(ObjectStore):
     def put_file(
         self, source: Path, key: str, *, if_absent: bool = True, progress: Progress = no_progress
     ) -> Digest:
+        """Copy to a temp file beside the key (by the kernel where it can, hashed as it
+        lands), fsync it, then link (create-only) or rename it into place."""
         target = self._path(key)
-        temp = temp_path_beside(target)
-        try:
-            make_ignored_dir(self.root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(source, "rb") as reader, open(temp, "xb") as writer:
-                digest = copy_hashed(reader, writer, progress)
-                writer.flush()
-                os.fsync(writer.fileno())
-            if if_absent:
-                try:
-                    os.link(temp, target)
-                except FileExistsError as exc:
-                    raise ObjectExistsError(
-                        f"{key} already exists in {self.root}", digest=digest
-                    ) from exc
-            else:
-                os.replace(temp, target)
-            fsync_dir(target.parent)
-            return digest
-        except OSError as exc:
-            if exc.errno == errno.ENOENT and not source.exists():
-                raise NotFoundError(f"no such file: {source}") from exc
-            raise self._storage_error("write", key, exc) from exc
-        finally:
-            with contextlib.suppress(OSError):
-                temp.unlink()
+        with SourceFile(source) as reader:
+            temp = temp_path_beside(target)
+            try:
+                make_ignored_dir(self.root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(temp, "x+b") as writer:  # read back by the hasher
+                    digest = copy_file_hashed(reader, writer, progress)
+                    writer.flush()
+                    os.fsync(writer.fileno())
+                if if_absent:
+                    try:
+                        os.link(temp, target)
+                    except FileExistsError as exc:
+                        raise ObjectExistsError(
+                            f"{key} already exists in {self.root}", digest=digest
+                        ) from exc
+                else:
+                    os.replace(temp, target)
+                fsync_dir(target.parent)
+                return digest
+            except OSError as exc:
+                raise self._storage_error("write", key, exc) from exc
+            finally:
+                with contextlib.suppress(OSError):
+                    temp.unlink()
 
     def _open(self, key: str) -> BinaryIO:
         try:
@@ -107,12 +107,14 @@ class LocalStore(ObjectStore):
     def get_file(
         self, key: str, target: Path, expected: Digest, *, progress: Progress = no_progress
     ) -> Digest:
-        """As the base class, reading through reused buffers (a local copy is memory-bound)."""
-        with self._open(key) as handle, VerifiedSink(target, expected) as sink:
+        """As the base class, but the kernel copies while the copy is hashed."""
+        validate_storage_key(key)
+        with (
+            self._open(key) as handle,
+            VerifiedSink(target, expected, source=f"{key} in {self.root}") as sink,
+        ):
             try:
-                for chunk in reused_chunks(handle):
-                    sink.write(chunk)
-                    progress(len(chunk))
+                sink.copy_from(handle, progress)
             except OSError as exc:
                 raise self._storage_error("read", key, exc) from exc
             return sink.commit()
