@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -372,8 +371,11 @@ def test_store_of_a_missing_file(cli, repo: Repo) -> None:
     assert not (repo.path / ".nexus_meta.json").exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
 def test_progress_bar_on_a_terminal_only(repo: Repo) -> None:
     """On a pseudo-terminal `store` draws a transfer bar; piped, it prints none."""
+    import pty
+
     weights = repo.write_weights("m.pt", os.urandom(64 * 1024 * 1024))
     leader, follower = pty.openpty()
     env = {**os.environ, "COLUMNS": "120", "TERM": "xterm"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from nexus_cli.errors import MetadataError, UsageError
 from nexus_cli.metadata import Metadata, VersionRecord
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="symlinks to devices are POSIX")
 
 
 def version(commit: str, *, latest: bool, created_at: str = "2026-11-23T18:00:00Z", **changes):
@@ -100,6 +102,7 @@ def test_two_latest_versions_are_refused_unless_read_leniently(tmp_path: Path) -
     assert Metadata.read(path).latest("prod_model").commit_hash == COMMIT_A
 
 
+@posix_only
 def test_a_symlinked_metadata_file_is_written_through_the_link(tmp_path: Path) -> None:
     real = tmp_path / "registry" / "models.json"
     real.parent.mkdir()
@@ -114,6 +117,7 @@ def test_a_symlinked_metadata_file_is_written_through_the_link(tmp_path: Path) -
     assert sorted(p.name for p in real.parent.iterdir()) == ["models.json"]  # no temp left
 
 
+@posix_only
 def test_a_metadata_link_to_something_else_is_refused(tmp_path: Path) -> None:
     link = tmp_path / ".nexus_meta.json"
     link.symlink_to("/dev/null")

@@ -1,0 +1,98 @@
+"""`nexus gc`: what killed uploads leave behind goes; stored versions never do."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nexus_cli.files import temp_path_beside
+from tests.conftest import Repo, run_nexus
+
+pytest_plugins = ["tests.cloud_servers"]
+
+DAY = 24 * 3600
+
+
+def leftover_beside(target: Path, *, age_s: float, size: int = 1000) -> Path:
+    """A temp file as a killed `nexus store` leaves it, last written ``age_s`` ago."""
+    temp = temp_path_beside(target)
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    temp.write_bytes(b"\0" * size)
+    when = time.time() - age_s
+    os.utime(temp, (when, when))
+    return temp
+
+
+def test_gc_on_the_local_store(cli, repo: Repo) -> None:
+    stored = cli("store", repo.write_weights("m.pt", b"weights"), "prod_model", "--json").json
+    store = repo.path / ".nexus" / "store"
+    kept_object = store / stored["storage_uri"]
+    old = leftover_beside(kept_object, age_s=2 * DAY, size=1234)
+    fresh = leftover_beside(kept_object, age_s=60)
+
+    dry = cli("gc", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.stderr
+    assert dry.json["dry_run"] is True
+    assert [(x["kind"], x["name"], x["size"]) for x in dry.json["leftovers"]] == [
+        ("incomplete_file", old.relative_to(store).as_posix(), 1234)
+    ]
+    assert old.exists()
+
+    human = cli("gc", "--dry-run")
+    assert "Would remove" in human.stdout
+    assert old.name in human.stdout
+
+    removed = cli("gc", "--json")
+    assert removed.json["count"] == 1
+    assert removed.json["bytes"] == 1234
+    assert not old.exists()
+    assert fresh.exists()  # younger than the default day: maybe still being written
+    assert kept_object.read_bytes() == b"weights"
+
+    assert cli("gc", "--older-than", "30m", "--json").json["count"] == 0
+    assert cli("gc", "--older-than", "30s", "--json").json["count"] == 1
+    assert not fresh.exists()
+    assert kept_object.read_bytes() == b"weights"
+    assert cli("verify").exit_code == 0
+
+
+@pytest.mark.parametrize("bad", ["1", "d", "1y", "-1d", "1.5h", ""])
+def test_gc_refuses_a_bad_duration(cli, repo: Repo, bad: str) -> None:
+    result = cli("gc", "--older-than", bad, "--json")
+    assert result.exit_code == 2
+    assert "--older-than" in result.json["error"]["message"]
+
+
+def test_gc_on_s3_aborts_only_old_multipart_uploads(
+    repo: Repo, s3_client: Any, s3_bucket: str, moto_endpoint: str
+) -> None:
+    env = {"NEXUS_PROVIDER": "s3", "NEXUS_BUCKET": s3_bucket, "NEXUS_ENDPOINT_URL": moto_endpoint}
+    stored = run_nexus("store", repo.write_weights("m.pt", b"weights"), "prod_model", "--json",
+                       cwd=repo.path, env=env)  # fmt: skip
+    assert stored.exit_code == 0, stored.stderr
+    key = json.loads(stored.stdout)["storage_uri"]
+    upload = s3_client.create_multipart_upload(Bucket=s3_bucket, Key="prod_model/killed.pt")
+    s3_client.upload_part(Bucket=s3_bucket, Key="prod_model/killed.pt", PartNumber=1,
+                          UploadId=upload["UploadId"], Body=b"x" * 100)  # fmt: skip
+
+    young = run_nexus("gc", "--json", cwd=repo.path, env=env)
+    assert young.exit_code == 0, young.stderr
+    assert json.loads(young.stdout)["count"] == 0  # started just now: spared by the default day
+
+    time.sleep(1.1)
+    dry = json.loads(run_nexus("gc", "--older-than", "1s", "--dry-run", "--json",
+                               cwd=repo.path, env=env).stdout)  # fmt: skip
+    assert [(x["kind"], x["name"], x["upload_id"]) for x in dry["leftovers"]] == [
+        ("multipart_upload", "prod_model/killed.pt", upload["UploadId"])
+    ]
+    assert len(s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) == 1
+
+    done = run_nexus("gc", "--older-than", "1s", "--json", cwd=repo.path, env=env)
+    assert json.loads(done.stdout)["count"] == 1
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == b"weights"
