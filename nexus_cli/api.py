@@ -464,6 +464,8 @@ class Project:
         ) as advance:
             try:
                 self.store_backend.get_file(record.storage_uri, target, expected, progress=advance)
+            except (ConnectionError, TimeoutError):
+                raise  # a backend's network error it did not translate: not the user's path
             except OSError as exc:  # backends translate their own errors: this is the target
                 raise UsageError(
                     f"cannot write {exc.filename or target}: {exc.strerror or exc}"

@@ -120,7 +120,11 @@ def worktree_root(start: Path | None = None) -> Path:
 
 
 def holds_tracked_files(worktree: Path, folder: Path) -> bool:
-    """Whether git tracks any file at or under ``folder`` in the work tree ``worktree``."""
+    """Whether git tracks any file at or under ``folder`` in the work tree ``worktree``.
+
+    Best effort: where git cannot answer (no git executable, as in a serving image, or a
+    repository git refuses to read) it is ``False``: files git cannot see it cannot hide.
+    """
     try:
         completed = subprocess.run(
             ["git", "-C", str(worktree), "ls-files", "-z", "--", str(folder)],
@@ -128,9 +132,6 @@ def holds_tracked_files(worktree: Path, folder: Path) -> bool:
             timeout=60,
             check=False,
         )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise GitError(f"cannot run git in {worktree}: {exc}") from exc
-    if completed.returncode != 0:
-        message = completed.stderr.decode(errors="replace").strip()
-        raise GitError(f"git ls-files failed in {worktree}: {message}")
-    return bool(completed.stdout)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return completed.returncode == 0 and bool(completed.stdout)

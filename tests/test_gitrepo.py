@@ -8,7 +8,7 @@ import pytest
 
 from nexus_cli.errors import GitError
 from nexus_cli.files import temp_path_beside
-from nexus_cli.gitrepo import GitRepo
+from nexus_cli.gitrepo import GitRepo, holds_tracked_files, worktree_root
 from tests.conftest import Repo, make_repo
 
 
@@ -63,3 +63,23 @@ def test_identity(repo: Repo, tmp_path: Path) -> None:
     anonymous.git("config", "--unset", "user.name")
     anonymous.git("config", "--unset", "user.email")
     assert GitRepo.discover(anonymous.path).identity() == "unknown"
+
+
+def test_worktree_root_without_git(repo: Repo, tmp_path: Path) -> None:
+    sub = repo.path / "a"
+    sub.mkdir()
+    assert worktree_root(sub) == repo.path.resolve()
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    with pytest.raises(GitError, match="not inside a git repository"):
+        worktree_root(outside)
+
+
+def test_holds_tracked_files(repo: Repo) -> None:
+    (repo.path / "src").mkdir()
+    (repo.path / "src" / "x.py").write_text("x = 1\n")
+    (repo.path / "empty").mkdir()
+    repo.commit_all("src")
+    assert holds_tracked_files(repo.path, repo.path / "src")
+    assert not holds_tracked_files(repo.path, repo.path / "empty")
+    assert not holds_tracked_files(repo.path, repo.path / "not-made")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nexus_cli.errors import InvalidNameError, UsageError
 from nexus_cli.names import (
     file_extension,
+    refuse_control_chars,
     validate_commit_prefix,
     validate_model_name,
     validate_storage_key,
@@ -82,3 +85,35 @@ def test_signature_json() -> None:
 def test_bad_signatures_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse_signature_json(text)
+
+
+@pytest.mark.parametrize("text", ["a\x1b[2J", "line\nbreak", "tab\there", "bell\x07", "\x9b",
+                                  "rtl\u202eoverride", "del\x7f"])  # fmt: skip
+def test_control_characters_are_refused(text: str) -> None:
+    with pytest.raises(UsageError, match="control character"):
+        refuse_control_chars(text, "the message")
+
+
+def test_printable_text_passes() -> None:
+    assert refuse_control_chars("café ● [bold]x[/] 😀", "m") == "café ● [bold]x[/] 😀"
+
+
+@pytest.mark.parametrize("dims", ["8,,8", "8,", ",8", "8;8", "1e3", "0", "-2", str(2**63)])
+def test_bad_input_shapes(dims: str) -> None:
+    with pytest.raises(UsageError, match="--input-shape"):
+        signature_from_input_shape(dims)
+
+
+def test_largest_int64_dimension_passes_and_one_more_does_not() -> None:
+    assert signature_from_input_shape(str(2**63 - 1))["inputs"][0]["shape"] == [-1, 2**63 - 1]
+    tensor = {"name": "x", "datatype": "FP32", "shape": [-1, 2**63]}
+    with pytest.raises(UsageError, match="2\\*\\*63-1"):
+        parse_signature_json(json.dumps({"inputs": [tensor], "outputs": []}))
+
+
+def test_duplicate_tensor_names_are_refused() -> None:
+    tensor = {"name": "x", "datatype": "FP32", "shape": [-1]}
+    with pytest.raises(UsageError, match="used twice"):
+        parse_signature_json(json.dumps({"inputs": [tensor, tensor], "outputs": []}))
+    same_name_in_and_out = {"inputs": [tensor], "outputs": [tensor]}
+    assert parse_signature_json(json.dumps(same_name_in_and_out))["outputs"][0]["name"] == "x"
