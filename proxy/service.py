@@ -143,9 +143,12 @@ class ProxyService:
         if model is None:
             return DEFAULT_INPUT, DEFAULT_OUTPUT
         try:
-            return sample_specs(model.get("signature"))
+            spec, output = sample_specs(model.get("signature"))
         except (SignatureError, KeyError, TypeError) as exc:
             raise Unavailable(f"the served model's signature cannot be served: {exc}") from None
+        # [-1] (a batch of unknown samples) is how a server publishes "no signature"
+        # (SPEC 7): then only "numeric and rectangular" is checked here
+        return _any_shape(spec), _any_shape(output)
 
     def commits(self) -> list[str]:
         seen = []
@@ -194,6 +197,10 @@ class ProxyService:
                 "request_timeout_s": s.request_timeout_s,
             },
         }
+
+
+def _any_shape(spec: TensorSpec) -> TensorSpec:
+    return TensorSpec(spec.name, spec.datatype, None) if spec.shape == () else spec
 
 
 def _encode(rows: Any) -> bytes:

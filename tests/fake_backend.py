@@ -265,6 +265,64 @@ def metric(text: str, name: str) -> float:
     return total
 
 
+_TRITON_SCRIPT = """
+import json, sys
+import numpy as np
+import tritonclient.http as th
+args = json.loads(sys.argv[1])
+client = th.InferenceServerClient(args["host"])
+headers = args["headers"]
+report = {
+    "live": client.is_server_live(headers=headers),
+    "ready": client.is_server_ready(headers=headers),
+    "model_ready": client.is_model_ready(args["model"], headers=headers),
+    "metadata": client.get_model_metadata(args["model"], headers=headers),
+}
+rows = np.asarray(args["rows"], dtype=np.float32)
+tensor = th.InferInput(args["input"], list(rows.shape), "FP32")
+outputs = None
+if args["binary"]:
+    tensor.set_data_from_numpy(rows)  # the client's default: binary tensors both ways
+else:
+    tensor.set_data_from_numpy(rows, binary_data=False)
+    outputs = [th.InferRequestedOutput(args["output"], binary_data=False)]
+result = client.infer(
+    args["model"], [tensor], outputs=outputs, model_version=args["version"],
+    request_id="triton-1", headers=headers,
+)
+report["output"] = result.as_numpy(args["output"]).tolist()
+report["response"] = result.get_response()
+client.close()
+print(json.dumps(report))
+"""
+
+
+def tritonclient_call(
+    url: str,
+    model: str,
+    rows: list,
+    *,
+    input_name: str,
+    output_name: str,
+    binary: bool = True,
+    version: str = "",
+    headers: dict | None = None,
+) -> dict:
+    """Ask a v2 server with tritonclient's HTTP client, in a process of its own (gevent
+    stays out of the test process); what it saw, as JSON."""
+    args = {
+        "host": url.removeprefix("http://"), "model": model, "rows": rows, "binary": binary,
+        "input": input_name, "output": output_name, "version": version, "headers": headers or {},
+    }  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT, json.dumps(args)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise AssertionError(f"tritonclient failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)

@@ -31,6 +31,7 @@ from tests.fake_backend import (
     wait_until,
 )
 
+JSON_HEADERS = {"Content-Type": "application/json"}
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -56,7 +57,9 @@ async def predict_many(url: str, samples: list, connections: int = 500, headers=
 
         async def one(sample):
             async with session.post(
-                url + "/predict", json={"input": sample}, headers=headers
+                url + "/predict",
+                data=json.dumps({"input": sample}).encode(),
+                headers={**JSON_HEADERS, **(headers or {})},
             ) as response:
                 return response.status, await response.json(content_type=None)
 
@@ -293,7 +296,9 @@ def test_full_queue_is_refused_at_once_with_retry_after(tmp_path, backend) -> No
                 async def one(i):
                     begin = time.monotonic()
                     async with session.post(
-                        proxy.url + "/predict", json={"input": [i, 0, 0, 0]}
+                        proxy.url + "/predict",
+                        data=json.dumps({"input": [i, 0, 0, 0]}).encode(),
+                        headers=JSON_HEADERS,
                     ) as response:
                         await response.read()
                         return response.status, response.headers, time.monotonic() - begin
@@ -325,7 +330,9 @@ def test_model_server_killed_mid_load_then_restarted(tmp_path) -> None:
                 async def one(i):
                     begin = time.monotonic()
                     async with session.post(
-                        proxy.url + "/predict", json={"input": [i, 0, 0, 0]}
+                        proxy.url + "/predict",
+                        data=json.dumps({"input": [i, 0, 0, 0]}).encode(),
+                        headers=JSON_HEADERS,
                     ) as response:
                         await response.read()
                         return response.status, time.monotonic() - begin
@@ -456,7 +463,11 @@ def test_shutdown_drains_in_flight_requests(tmp_path, backend) -> None:
         async def stop_during_request():
             async with aiohttp.ClientSession() as session:
                 request = asyncio.ensure_future(
-                    session.post(proxy.url + "/predict", json={"input": [1, 2, 3, 4]})
+                    session.post(
+                        proxy.url + "/predict",
+                        data=b'{"input": [1, 2, 3, 4]}',
+                        headers=JSON_HEADERS,
+                    )
                 )
                 await asyncio.sleep(0.3)
                 proxy.popen.send_signal(signal.SIGTERM)

@@ -12,7 +12,13 @@ import json
 import numpy as np
 import pytest
 
-from tests.fake_backend import http, start_fake_backend, start_proxy, wait_until
+from tests.fake_backend import (
+    http,
+    start_fake_backend,
+    start_proxy,
+    tritonclient_call,
+    wait_until,
+)
 
 COMMIT = "a" * 40
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -218,27 +224,16 @@ def test_v2_timeout_parameter_is_microseconds(proxy) -> None:
         http("POST", backend_url + "/control", {"delay": 0.0})
 
 
-def test_tritonclient_with_its_defaults(proxy) -> None:
-    tritonhttp = pytest.importorskip("tritonclient.http")
-    client = tritonhttp.InferenceServerClient(proxy.url.removeprefix("http://"))
-    try:
-        assert client.is_server_live()
-        assert client.is_server_ready()
-        assert client.is_model_ready("doubler")
-        metadata = client.get_model_metadata("doubler")
-        assert metadata["inputs"][0]["name"] == "features"
-        rows = np.random.default_rng(3).random((5, 4), dtype=np.float32)
-        tensor = tritonhttp.InferInput("features", list(rows.shape), "FP32")
-        tensor.set_data_from_numpy(rows)  # binary_data=True by default
-        result = client.infer("doubler", [tensor])  # outputs binary by default
-        np.testing.assert_allclose(result.as_numpy("scores"), 2 * rows, rtol=1e-6)
-        json_tensor = tritonhttp.InferInput("features", list(rows.shape), "FP32")
-        json_tensor.set_data_from_numpy(rows, binary_data=False)
-        wanted = tritonhttp.InferRequestedOutput("scores", binary_data=False)
-        result = client.infer(
-            "doubler", [json_tensor], outputs=[wanted], model_version=COMMIT, request_id="t-1"
-        )
-        np.testing.assert_allclose(result.as_numpy("scores"), 2 * rows, rtol=1e-6)
-        assert result.get_response()["id"] == "t-1"
-    finally:
-        client.close()
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient(proxy, binary) -> None:
+    pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
+    rows = np.random.default_rng(3).random((5, 4), dtype=np.float32)
+    seen = tritonclient_call(
+        proxy.url, "doubler", rows.tolist(), input_name="features", output_name="scores",
+        binary=binary, version=COMMIT if binary else "",
+    )  # fmt: skip
+    assert (seen["live"], seen["ready"], seen["model_ready"]) == (True, True, True)
+    assert seen["metadata"]["inputs"][0]["name"] == "features"
+    np.testing.assert_allclose(seen["output"], 2 * rows, rtol=1e-6)
+    assert seen["response"]["id"] == "triton-1"
+    assert seen["response"]["model_version"] == COMMIT
