@@ -341,3 +341,27 @@ def slow_link() -> Iterator[Callable[[int, int], SlowLink]]:
 def dead_endpoint() -> str:
     """An http URL on 127.0.0.1 where nothing listens."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """An http URL on 127.0.0.1 that accepts connections, reads, and never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    closed = threading.Event()
+
+    def accept() -> None:
+        while not closed.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            held.append(connection)  # kept open, never written to
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    closed.set()
+    listener.close()
+    for connection in held:
+        with contextlib.suppress(OSError):
+            connection.close()

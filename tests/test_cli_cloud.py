@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Repo, run_nexus
+from tests.conftest import Repo, Result, run_nexus
 
 pytest_plugins = ["tests.cloud_servers"]
 
@@ -375,3 +377,53 @@ def test_gcs_missing_credentials(repo: Repo, monkeypatch, dead_endpoint: str) ->
     monkeypatch.setenv("GCE_METADATA_IP", dead_endpoint.removeprefix("http://"))
     result = run_nexus("store", repo.write_weights("m.pt", b"w"), "m", cwd=repo.path)
     assert_one_line_error(result, "no Google Cloud credentials", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def run_with_terminal_stderr(*args: str, cwd: Path, env: dict, timeout: float) -> Result:
+    """Run `nexus` with stderr on a pseudo-terminal (as a person sees it), stdout a pipe."""
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nexus_cli", *[str(a) for a in args]],
+            cwd=cwd, env={**os.environ, **env},
+            stdout=subprocess.PIPE, stderr=terminal, text=True,
+        )  # fmt: skip
+        os.close(terminal)
+        terminal = -1
+        out, _ = process.communicate(timeout=timeout)
+        seen = b""
+        with contextlib.suppress(OSError):  # EIO once the child's end is closed
+            while chunk := os.read(controller, 65536):
+                seen += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    return Result(process.returncode, out, seen.decode(errors="replace").replace("\r\n", "\n"))
+
+
+def test_s3_endpoint_that_never_answers_fails_within_a_minute(
+    repo: Repo, s3_env: dict, silent_endpoint: str
+) -> None:
+    """It accepts connections and never replies: bounded timeouts and retries, a notice per
+    retry on the terminal, and an error that says what happened (it took 362 s, silently,
+    and then said "cannot reach")."""
+    started = time.monotonic()
+    result = run_with_terminal_stderr(
+        "store", repo.write_weights("m.pt", b"w"), "m", "--json",
+        cwd=repo.path, env={"NEXUS_ENDPOINT_URL": silent_endpoint}, timeout=90,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 6, (result.stdout, result.stderr)
+    assert elapsed < 60
+    error = json.loads(result.stdout)["error"]  # stdout holds the JSON and nothing else
+    assert error["code"] == "storage_error"
+    assert (
+        f"the endpoint {silent_endpoint} accepted the connection but did not answer"
+        in (error["message"])
+    )
+    assert "Traceback" not in result.stderr
+    notices = [line for line in result.stderr.splitlines() if "retrying" in line]
+    assert notices, result.stderr
+    assert "did not answer" in notices[0]
+    assert "(2 of 2)" in notices[0]

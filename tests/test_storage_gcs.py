@@ -286,6 +286,49 @@ def test_an_intermediate_compose_whose_reply_is_lost_is_retried(
     assert not list(store._client.list_blobs(store._bucket, prefix=TEMP_ROOT))
 
 
+# lost replies on the final write --------------------------------------------------------
+
+
+def test_a_lost_reply_on_a_single_upload_is_still_our_upload(store, wire, tmp_path) -> None:
+    """fake-gcs-server enforces ifGenerationMatch, so the SDK's retry gets a 412; the
+    object carries this upload's token, so the put succeeds instead of a conflict."""
+    wire.lose_reply_once(lambda sent: "/upload/" in sent.path)
+    source, data = payload(tmp_path, "w.pt", 100_000)
+    digest = store.put_file(source, "m/k.pt")
+    assert digest == digest_of(data) == store.content_digest("m/k.pt")
+    assert len(wire.uploads()) == 2
+
+
+def test_a_lost_reply_on_the_final_compose_is_still_our_upload(store, wire, tmp_path) -> None:
+    """Real GCS answers a create-only compose retried after it went through with 412; the
+    emulators don't check compose preconditions, so the wire plays GCS's part."""
+    final = lambda sent: sent.path.endswith("/o/m/big.pt/compose")  # noqa: E731
+    attempts = itertools.count(1)
+    wire.answer_once(lambda sent: final(sent) and next(attempts) > 1, 412)
+    wire.lose_reply_once(final)
+    source, data = payload(tmp_path, "big.pt", 9 * MiB)
+    digest = store.put_file(source, "m/big.pt")
+    assert digest == digest_of(data) == store.content_digest("m/big.pt")
+    assert len(wire.composes()) == 2
+    assert [o.key for o in store.list()] == ["m/big.pt"]
+    assert not list(store._client.list_blobs(store._bucket, prefix=TEMP_ROOT))
+
+
+def test_another_writer_s_object_is_still_a_conflict(store, wire, tmp_path) -> None:
+    """The token tells them apart. (The compose's 412 comes from the wire: the emulator
+    would let a compose replace the object.)"""
+    theirs = store._bucket.blob("m/k.pt")
+    theirs.metadata = {"nexus-upload": "someone-else"}
+    theirs.upload_from_string(b"theirs")
+    wire.answer_once(lambda sent: sent.path.endswith("/o/m/k.pt/compose"), 412)
+    for size in (1000, 7 * MiB):
+        source, data = payload(tmp_path, "w.pt", size)
+        with pytest.raises(ObjectExistsError) as caught:
+            store.put_file(source, "m/k.pt")
+        assert caught.value.digest == digest_of(data)
+    assert store.content_digest("m/k.pt") == digest_of(b"theirs")
+
+
 # failures -------------------------------------------------------------------------------
 
 

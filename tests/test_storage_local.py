@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nexus_cli import transfer
 from nexus_cli.config import StorageConfig
 from nexus_cli.errors import StorageError, UsageError
 from nexus_cli.files import temp_path_beside
@@ -138,3 +140,66 @@ def test_remove_leftover_never_removes_a_stored_object(tmp_path: Path, leftover:
         store.remove_leftover(leftover)
     assert store.stat("m/k.pt") is not None
     assert outside.exists()
+
+
+# how bytes move ---------------------------------------------------------------------------
+
+
+def test_the_kernel_copies_while_the_copy_is_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Store and load go through copy_file_range, step by step, with progress per step."""
+    monkeypatch.setattr(transfer, "COPY_STEP", 1024 * 1024)
+    calls: list[int] = []
+    real = os.copy_file_range
+
+    def counting(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, "copy_file_range", counting)
+    data = os.urandom(3 * 1024 * 1024 + 77)
+    store = LocalStore(tmp_path / "s")
+    progressed: list[int] = []
+    digest = store.put_file(write(tmp_path, "w", data), "m/k.pt", progress=progressed.append)
+    assert digest == digest_of(data)
+    assert progressed == [1024 * 1024] * 3 + [77]
+    assert len(calls) == 5  # four steps with bytes, one that finds the end
+    target = tmp_path / "out" / "k.pt"
+    assert store.get_file("m/k.pt", target, digest) == digest
+    assert target.read_bytes() == data
+    assert len(calls) == 10
+
+
+@pytest.mark.parametrize("how", ["cross-device", "no-such-call"])
+def test_without_a_kernel_copy_the_bytes_go_through_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    if how == "no-such-call":  # macOS, Windows
+        monkeypatch.delattr(os, "copy_file_range")
+    else:
+
+        def refuse(*_args, **_kwargs):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    data = os.urandom(2 * transfer.CHUNK_SIZE + 5)
+    store = LocalStore(tmp_path / "s")
+    digest = store.put_file(write(tmp_path, "w", data), "m/k.pt")
+    assert digest == digest_of(data)
+    target = tmp_path / "out" / "k.pt"
+    store.get_file("m/k.pt", target, digest)
+    assert target.read_bytes() == data
+
+
+def test_a_full_disk_mid_copy_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    store = LocalStore(tmp_path / "s")
+    with pytest.raises(StorageError, match="No space left"):
+        store.put_file(write(tmp_path, "w", b"x" * 1000), "m/k.pt")
+    assert list(store.leftovers(timedelta(0))) == []  # the temp file went too

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 from botocore.awsrequest import AWSResponse
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ConnectionClosedError
 
 from nexus_cli.config import StorageConfig
 from nexus_cli.errors import IntegrityError, ObjectExistsError, StorageError
@@ -330,6 +331,95 @@ def test_an_upload_dropped_by_the_store_says_so(store: S3Store, tmp_path: Path) 
     _answer_once(store, "CompleteMultipartUpload", 404, "NoSuchUpload")
     with pytest.raises(StorageError, match="dropped the multipart upload"):
         store.put_file(source, "m/k.pt")
+
+
+# lost replies ---------------------------------------------------------------------------
+
+
+def lose_reply_once(
+    store: S3Store, operation: str, retry_answer: tuple[int, str] | None = None
+) -> list[int]:
+    """Carry out the first ``operation`` request on the server, then fail it as if the
+    connection closed before the reply came, so that botocore sends it again.
+
+    ``retry_answer`` (status, code) answers the retry instead of the server, where moto
+    differs from S3 (it completes an already completed upload again, with no 412).
+    Returns the list of attempts seen.
+    """
+    attempts: list[int] = []
+
+    def deliver_then_drop(request, **_):
+        attempts.append(1)
+        if len(attempts) > 1:
+            if retry_answer is None:
+                return None
+            status, code = retry_answer
+            body = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+            return AWSResponse(request.url, status, {}, _RawBody(body))
+        body = request.body
+        if hasattr(body, "read"):
+            body = body.read()
+            request.reset_stream()
+        answer = urllib3.PoolManager().request(
+            request.method, request.url, body=body, headers=dict(request.headers)
+        )
+        assert answer.status < 300, answer.data
+        raise ConnectionClosedError(endpoint_url=request.url)
+
+    store._client.meta.events.register(f"before-send.s3.{operation}", deliver_then_drop)
+    return attempts
+
+
+@pytest.mark.parametrize(
+    ("size", "operation", "retry_answer"),
+    [
+        (100_000, "PutObject", None),  # moto answers the retry with 412, as S3 does
+        (11 * MiB, "CompleteMultipartUpload", (412, "PreconditionFailed")),
+        (11 * MiB, "CompleteMultipartUpload", (404, "NoSuchUpload")),
+    ],
+    ids=["single-put", "completion-412", "completion-no-such-upload"],
+)
+def test_a_lost_reply_on_the_final_write_is_still_our_upload(
+    store: S3Store,
+    s3_client,
+    s3_bucket: str,
+    tmp_path: Path,
+    size: int,
+    operation: str,
+    retry_answer: tuple[int, str] | None,
+) -> None:
+    """The write landed, its reply was lost and botocore retried: the retry meets our own
+    object (412, or the upload already completed), which is a success, not a conflict."""
+    attempts = lose_reply_once(store, operation, retry_answer)
+    source, data = payload(tmp_path, "w.pt", size)
+    digest = store.put_file(source, "m/k.pt")
+    assert len(attempts) == 2
+    assert digest == digest_of(data) == store.content_digest("m/k.pt")
+    assert not s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+
+
+def test_another_writer_s_object_is_still_a_conflict(
+    store: S3Store, s3_client, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The token tells them apart: an object another upload wrote is ObjectExistsError."""
+    s3_client.put_object(Bucket=s3_bucket, Key="m/k.pt", Body=b"theirs",
+                         Metadata={"nexus-upload": "someone-else"})  # fmt: skip
+    for size in (1000, 7 * MiB):
+        source, data = payload(tmp_path, "w.pt", size)
+        with pytest.raises(ObjectExistsError) as caught:
+            store.put_file(source, "m/k.pt")
+        assert caught.value.digest == digest_of(data)
+    assert store.content_digest("m/k.pt") == digest_of(b"theirs")
+
+
+def test_each_upload_is_tagged_with_a_fresh_token(store: S3Store, s3_client, s3_bucket, tmp_path):
+    tokens = []
+    for key, size in (("m/a.pt", 1000), ("m/b.pt", 7 * MiB)):
+        store.put_file(payload(tmp_path, "w.pt", size)[0], key)
+        head = s3_client.head_object(Bucket=s3_bucket, Key=key)
+        tokens.append(head["Metadata"]["nexus-upload"])
+    assert len(set(tokens)) == 2
+    assert all(len(token) == 32 for token in tokens)
 
 
 # leftovers ------------------------------------------------------------------------------
