@@ -1,0 +1,53 @@
+"""Startup cost: `nexus --help` and `nexus list` load only what they use.
+
+No timing assertions (a shared CI machine is noisy): the modules that made startup
+slow are named instead, so a stray top-level import fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Repo
+
+HEAVY = ("pydantic", "git", "boto3", "botocore", "google", "filelock", "rich", "concurrent")
+
+PROBE = """
+import json, sys
+sys.argv = ["nexus", *json.loads(sys.argv[1])]
+from nexus_cli.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+loaded = sorted({name.split(".")[0] for name in sys.modules})
+sys.stderr.write("LOADED " + json.dumps(loaded) + "\\n")
+"""
+
+
+def loaded_by(args: list[str], cwd: Path) -> set[str]:
+    completed = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(args)],
+        cwd=cwd, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    line = next(x for x in completed.stderr.splitlines() if x.startswith("LOADED "))
+    return set(json.loads(line.removeprefix("LOADED ")))
+
+
+def test_help_loads_typer_only(tmp_path: Path) -> None:
+    assert loaded_by(["--help"], tmp_path) & set(HEAVY) == set()
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_list_loads_no_git_no_sdk_no_pydantic(cli, repo: Repo, json_flag: list[str]) -> None:
+    assert cli("store", repo.write_weights("m.pt", b"w"), "prod_model").exit_code == 0
+    loaded = loaded_by(["list", *json_flag], repo.path)
+    heavy = {"pydantic", "git", "boto3", "botocore", "google", "filelock"}
+    if json_flag:
+        heavy.add("rich")  # JSON output never renders a table
+    assert loaded & heavy == set()
