@@ -1,20 +1,22 @@
 """Transfer benchmark: `nexus store` / `nexus load` against the tools a user would compare with.
 
-Every figure is a ratio measured side by side in one run (baseline and nexus
-alternate), the median of ``--runs`` repetitions, on a file of random bytes:
+Every figure is measured side by side in one run (baseline and nexus alternate), the
+median of ``--runs`` repetitions, each side a whole process:
 
-    local  nexus store          ÷  cp FILE STORE && sha256sum FILE      goal ≤ 1.2
-    local  nexus load           ÷  cp OBJECT OUT && sha256sum OUT       goal ≤ 1.2
-    local  second nexus store   ÷  sha256sum FILE                       goal ≤ 1.2
-    peak RSS of each nexus process                                      goal ≤ 300 MB
+    startup  nexus --help                                  goal ≤ 0.25 s (floor: import typer)
+    startup  nexus list, 10-version registry               goal ≤ 0.3 s
+    local    nexus store  ÷  cp FILE COPY && sync COPY && openssl dgst -sha256 FILE   ≤ 1.5
+    local    nexus load   ÷  the same, from the stored object                        ≤ 1.5
+    local    second nexus store (nothing uploaded)  ÷  sha256sum FILE                ≤ 1.2
+    peak RSS of each nexus process                                        goal ≤ 300 MB
 
-Coreutils' sha256sum may not use the CPU's SHA extensions (here it runs at a third of
-OpenSSL's speed), so each figure is also given against ``openssl dgst -sha256``.
+nexus fsyncs what it stores, so the baseline syncs its copy too. With ``--s3`` the rows
+of ``bench/transfer_s3.py`` follow (moto for stores, s3rver for loads where node is
+installed). The file stays in the page cache, so these are CPU-and-copy figures, not
+disk figures.
 
-With ``--s3`` the rows of ``bench/transfer_s3.py`` (a moto server on 127.0.0.1) follow.
-The file stays in the page cache, so these are CPU-and-copy figures, not disk figures.
-
-    python bench/transfer.py --size-mib 1024 --runs 5
+    python bench/transfer.py --size-mib 1024 --runs 3 --s3     # make bench
+    python bench/transfer.py --quick --s3                       # a smoke run, a minute
 """
 
 from __future__ import annotations
@@ -23,190 +25,137 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-NEXUS = [sys.executable, "-m", "nexus_cli"]
-GNU_TIME = "/usr/bin/time"  # for the peak RSS of one process
+from _harness import (
+    NEXUS,
+    MiB,
+    Row,
+    Samples,
+    alternating,
+    git,
+    make_file,
+    make_repo,
+    print_table,
+    shell,
+    timed,
+)
+
+#: runs of the startup rows: each takes a fraction of a second
+STARTUP_RUNS = 7
+BASELINE = "cp FILE COPY && sync COPY && openssl dgst -sha256 FILE"
+SHA256 = "openssl dgst -sha256 >/dev/null"
 
 
-@dataclass
-class Row:
-    figure: str
-    nexus_s: float
-    baseline_s: float
-    goal: str
-    peak_rss_mb: float | None = None
-    note: str = ""
-
-    @property
-    def ratio(self) -> float:
-        return self.nexus_s / self.baseline_s
-
-
-class Samples:
-    """Seconds measured for each figure, and the highest peak RSS seen for each."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, list[float]] = {}
-        self.rss: dict[str, float] = {}
-
-    def record(self, name: str, seconds: float, peak: float | None = None) -> None:
-        self.seconds.setdefault(name, []).append(seconds)
-        if peak is not None:
-            self.rss[name] = max(self.rss.get(name, 0.0), peak)
-
-    @property
-    def median(self) -> dict[str, float]:
-        return {name: statistics.median(values) for name, values in self.seconds.items()}
-
-
-def timed(command: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float]:
-    """Run ``command``; return (seconds, peak RSS in MB of that one process).
-
-    Dirty pages are flushed first, so one side's writeback is not billed to the next.
-    The RSS comes from GNU time: ``wait4`` here would report at least this process's own
-    RSS at the fork, since Linux keeps a process's high-water mark across ``exec``.
-    """
-    os.sync()
-    with tempfile.NamedTemporaryFile(suffix=".rss") as report:
-        start = time.perf_counter()
-        process = subprocess.Popen(
-            [GNU_TIME, "-f", "%M", "-o", report.name, *command],
-            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        _, status, _ = os.wait4(process.pid, 0)
-        elapsed = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode != 0:
-            raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()}")
-        process.stderr.close()
-        return elapsed, int(Path(report.name).read_text().split()[-1]) / 1024
-
-
-def shell(script: str, cwd: Path) -> float:
-    return timed(["bash", "-c", script], cwd)[0]
-
-
-def make_file(path: Path, size: int) -> None:
-    block = 16 * 1024 * 1024
-    with open(path, "wb") as handle:
-        remaining = size
-        while remaining:
-            handle.write(os.urandom(min(block, remaining)))
-            remaining -= min(block, remaining)
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
-
-
-def make_repo(path: Path) -> None:
-    path.mkdir()
-    git(path, "init", "-q")
-    git(path, "config", "user.email", "bench@example.com")
-    git(path, "config", "user.name", "bench")
-    (path / ".gitignore").write_text("*.bin\n")
-    git(path, "add", ".gitignore")
-    git(path, "commit", "-q", "-m", "bench")
+def startup_rows(work: Path, runs: int) -> list[Row]:
+    """How long a command takes before it does any work: imports, config, metadata."""
+    repo = work / "startup-repo"
+    make_repo(repo)
+    for index in range(10):
+        weights = repo / f"w{index}.bin"
+        weights.write_bytes(os.urandom(1000))
+        (repo / "train.py").write_text(f"# run {index}\n")
+        git(repo, "add", "train.py")
+        git(repo, "commit", "-q", "-m", f"train {index}")
+        timed([*NEXUS, "store", str(weights), "model", "--allow-dirty"], repo)
+    typer = [NEXUS[0], "-c", "import typer"]
+    samples = Samples()
+    for run in range(max(runs, STARTUP_RUNS)):
+        for side in alternating(run, "help", "list", "typer"):
+            command = {"help": [*NEXUS, "--help"], "list": [*NEXUS, "list"], "typer": typer}
+            samples.record(side, *timed(command[side], repo))
+    median, rss = samples.median, samples.rss
+    return [
+        Row("startup: python -c 'import typer' (the floor)", median["typer"], None, "-",
+            rss["typer"]),
+        Row("startup: nexus --help", median["help"], median["typer"], "≤ 0.25 s", rss["help"],
+            "ratio: over import typer"),
+        Row("startup: nexus list (10 versions)", median["list"], median["typer"], "≤ 0.3 s",
+            rss["list"], "ratio: over import typer"),
+    ]  # fmt: skip
 
 
 def local_rows(work: Path, weights: Path, runs: int) -> list[Row]:
-    """The three local figures, each against the issue's baseline (coreutils ``sha256sum``)
-    and against ``openssl dgst -sha256``, the fastest sha256 on the machine."""
+    """Store and load against a copy that is synced and hashed, and a second store (which
+    only hashes) against sha256sum."""
     repo = work / "repo"
     make_repo(repo)
     store_root = repo / ".nexus" / "store"
     meta = repo / ".nexus_meta.json"
-    copy_target = work / "copy.bin"
-    load_target = work / "loaded.bin"
-    hashers = {"sha256sum": "sha256sum", "openssl": "openssl dgst -sha256"}
-    store_cmd = [*NEXUS, "store", str(weights), "model", "--json"]
-
+    copy = work / "copy.bin"
+    loaded = work / "loaded.bin"
+    store = [*NEXUS, "store", str(weights), "model", "--json"]
     samples = Samples()
     record = samples.record
 
     for run in range(runs):
         shutil.rmtree(store_root, ignore_errors=True)
         meta.unlink(missing_ok=True)
-        # alternate which goes first so drift in the machine hits both sides alike
-        order = ["nexus", *hashers] if run % 2 == 0 else [*hashers, "nexus"]
+        order = alternating(run, "nexus", "baseline")
         for side in order:
-            copy_target.unlink(missing_ok=True)
+            copy.unlink(missing_ok=True)
             if side == "nexus":
-                record("store", *timed(store_cmd, repo))
+                record("store", *timed(store, repo))
             else:
-                script = f"cp {weights} {copy_target} && {hashers[side]} {weights} >/dev/null"
-                record(f"store/{side}", shell(script, work))
-
+                script = f"cp {weights} {copy} && sync {copy} && {SHA256} {weights}"
+                record("store/base", shell(script, work))
         stored = next(p for p in store_root.rglob("*.bin"))
         for side in order:
-            copy_target.unlink(missing_ok=True)
-            load_target.unlink(missing_ok=True)
+            copy.unlink(missing_ok=True)
+            loaded.unlink(missing_ok=True)
             if side == "nexus":
-                record("load", *timed([*NEXUS, "load", "model", "-o", str(load_target)], repo))
+                record("load", *timed([*NEXUS, "load", "model", "-o", str(loaded)], repo))
             else:
-                script = f"cp {stored} {copy_target} && {hashers[side]} {copy_target} >/dev/null"
-                record(f"load/{side}", shell(script, work))
-
+                script = f"cp {stored} {copy} && sync {copy} && {SHA256} {copy}"
+                record("load/base", shell(script, work))
         for side in order:
             if side == "nexus":
-                record("again", *timed(store_cmd, repo))
+                record("again", *timed(store, repo))
             else:
-                record(f"again/{side}", shell(f"{hashers[side]} {weights} >/dev/null", work))
+                record("again/base", shell(f"sha256sum {weights} >/dev/null", work))
+    copy.unlink(missing_ok=True)
+    loaded.unlink(missing_ok=True)
 
     median, rss = samples.median, samples.rss
-    rows = []
-    for key, figure, baseline in (
-        ("store", "local: nexus store", "cp + {}"),
-        ("load", "local: nexus load (verified)", "cp + {}"),
-        ("again", "local: second nexus store (nothing uploaded)", "{}"),
-    ):
-        for hasher in hashers:
-            rows.append(Row(figure, median[key], median[f"{key}/{hasher}"],
-                            "≤ 1.2" if hasher == "sha256sum" else "(stricter)", rss[key],
-                            baseline.format(hashers[hasher])))  # fmt: skip
-    return rows
-
-
-def print_table(rows: list[Row], size: int, runs: int) -> None:
-    print(f"\nfile: {size / 2**20:.0f} MiB of random bytes, median of {runs} runs, "
-          f"{os.cpu_count()} CPUs\n")  # fmt: skip
-    print("| figure | nexus (s) | baseline (s) | ratio | goal | peak RSS (MB) | baseline |")
-    print("| --- | ---: | ---: | ---: | --- | ---: | --- |")
-    for row in rows:
-        rss = f"{row.peak_rss_mb:.0f}" if row.peak_rss_mb is not None else "-"
-        print(f"| {row.figure} | {row.nexus_s:.2f} | {row.baseline_s:.2f} | {row.ratio:.2f} "
-              f"| {row.goal} | {rss} | {row.note} |")  # fmt: skip
+    return [
+        Row("local: nexus store", median["store"], median["store/base"], "≤ 1.5",
+            rss["store"], BASELINE),
+        Row("local: nexus load (verified)", median["load"], median["load/base"], "≤ 1.5",
+            rss["load"], BASELINE.replace("FILE", "OBJECT", 1)),
+        Row("local: second nexus store (nothing uploaded)", median["again"],
+            median["again/base"], "≤ 1.2", rss["again"], "sha256sum FILE"),
+    ]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--s3", action="store_true", help="add the S3 rows (moto on 127.0.0.1)")
+    parser.add_argument("--size-mib", type=int, default=1024, help="local rows' file size")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--s3", action="store_true", help="add the S3 rows (bench/transfer_s3.py)")
+    parser.add_argument("--s3-sizes-mib", default="64,256", help="S3 rows' file sizes")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: tmp)")
     args = parser.parse_args()
+    if args.quick:
+        args.size_mib, args.runs, args.s3_sizes_mib = 32, 1, "16,32"
 
-    size = args.size_mib * 1024 * 1024
+    size = args.size_mib * MiB
     with tempfile.TemporaryDirectory(prefix="nexus-bench-", dir=args.dir) as scratch:
         work = Path(scratch)
+        rows = startup_rows(work, args.runs)
         weights = work / "weights.bin"
         make_file(weights, size)
-        rows = local_rows(work, weights, args.runs)
+        rows += local_rows(work, weights, args.runs)
+        weights.unlink()
         if args.s3:
-            sys.path.insert(0, str(Path(__file__).parent))
             from transfer_s3 import s3_rows
 
-            for row in s3_rows(weights, args.runs):
-                rows.append(Row(row["figure"], row["nexus_s"], row["baseline_s"], row["goal"],
-                                row.get("peak_rss_mb"), row.get("note", "")))  # fmt: skip
-    print_table(rows, size, args.runs)
+            sizes = [int(s) * MiB for s in args.s3_sizes_mib.split(",") if s]
+            rows += s3_rows(work, sizes, args.runs)
+    print_table(rows, f"local file: {args.size_mib} MiB of random bytes, median of "
+                      f"{args.runs} runs, {os.cpu_count()} CPUs")  # fmt: skip
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     (results / "transfer.json").write_text(

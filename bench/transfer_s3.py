@@ -1,34 +1,43 @@
-"""S3 transfer benchmark: `nexus` against bare boto3, both talking to moto on 127.0.0.1.
+"""S3 transfer benchmark: `nexus` against bare boto3, on S3 servers on 127.0.0.1.
 
 Side by side in one run, alternating which side goes first, medians of ``--runs``:
 
-    s3  nexus store            ÷  boto3 upload_file (default TransferConfig)   goal ≤ 1.2
-    s3  nexus load (verified)  ÷  boto3 download_file (default, unverified)    goal ≤ 1.2
-    s3  second nexus store     ÷  sha256sum FILE                               goal ≤ 1.2
-    peak RSS of each nexus process                                             goal ≤ 300 MB
+    s3  nexus store, each size    ÷  boto3 upload_file (default TransferConfig)  goal ≤ 1.15
+    s3  nexus load (verified)     ÷  boto3 download_file (default, unverified)   goal ≤ 1.15
+    s3  second nexus store        ÷  sha256sum FILE                              goal ≤ 1.2
+    peak RSS of each nexus process                                            goal ≤ 300 MB
 
-Every side is its own Python process (interpreter start and imports included on both);
-the moto server runs in this process, which only waits meanwhile. moto is no S3: it takes
-uploads at well under 100 MB/s and re-reads the whole object for every ranged GET, so
-these figures compare the two clients on the same slow server, not against real S3.
+Every side is its own Python process (interpreter start and imports included on both).
+Stores go to moto's server, in this process (it only waits meanwhile). Loads come from
+s3rver (npm; installed into ``~/.cache/nexus-bench`` on first use, node required),
+because moto copies the whole object for every ranged GET, which punishes any client
+that reads in parallel ranges; without node the load row runs on moto and says so.
+Neither is S3: these compare two clients on the same server, not against real S3.
 
-    python bench/transfer_s3.py --size-mib 1024 --runs 3
+    python bench/transfer_s3.py --sizes-mib 64,256 --runs 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from transfer import NEXUS, Samples, make_file, make_repo, shell, timed  # noqa: E402
+from _harness import NEXUS, MiB, Row, Samples, alternating, make_file, make_repo, shell, timed
 
 BUCKET = "nexus-bench"
+S3RVER = "s3rver@3.7.1"
+S3RVER_HOME = Path.home() / ".cache" / "nexus-bench" / "s3rver"
 BOTO3 = """
 import sys, boto3
 from botocore.config import Config
@@ -38,110 +47,190 @@ if sys.argv[2] == "up":
 else:
     s3.download_file(sys.argv[4], sys.argv[5], sys.argv[3])
 """
-FIGURES = (
-    ("store", "s3: nexus store", "boto3 upload_file (default TransferConfig)"),
-    ("load", "s3: nexus load (verified)", "boto3 download_file (default, no checksum)"),
-    ("again", "s3: second nexus store (nothing uploaded)", "sha256sum FILE"),
-)
 
 
-def _reset(endpoint: str) -> None:
-    request = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
-    with urllib.request.urlopen(request, timeout=60):
-        pass
-
-
-def s3_rows(path: Path, runs: int) -> list[dict]:
-    """Time `nexus store`/`load` against boto3 on a moto server; one dict per figure."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {
+def _env(endpoint: str) -> dict[str, str]:
+    return {
         **os.environ,
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_ACCESS_KEY_ID": "S3RVER",
+        "AWS_SECRET_ACCESS_KEY": "S3RVER",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
         "NEXUS_PROVIDER": "s3",
         "NEXUS_BUCKET": BUCKET,
         "NEXUS_ENDPOINT_URL": endpoint,
     }
-    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    samples = Samples()
-    record = samples.record
 
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
     try:
-        with tempfile.TemporaryDirectory(prefix="nexus-bench-s3-", dir=path.parent) as scratch:
-            work = Path(scratch)
-            repo = work / "repo"
-            make_repo(repo)
-            out = work / "out.bin"
-            store = [*NEXUS, "store", str(path), "model", "--json"]
-            boto = [sys.executable, "-c", BOTO3, endpoint]
-            for run in range(runs):
-                _reset(endpoint)
-                client.create_bucket(Bucket=BUCKET)
-                (repo / ".nexus_meta.json").unlink(missing_ok=True)
-                order = ["nexus", "boto3"] if run % 2 == 0 else ["boto3", "nexus"]
-                for side in order:
-                    if side == "nexus":
-                        record("store", *timed(store, repo, env))
-                    else:
-                        record(
-                            "store/base", timed([*boto, "up", str(path), BUCKET, "b"], repo, env)[0]
-                        )
-                for side in order:
-                    out.unlink(missing_ok=True)
-                    if side == "nexus":
-                        record("load", *timed([*NEXUS, "load", "model", "-o", str(out)], repo, env))
-                    else:
-                        record(
-                            "load/base", timed([*boto, "down", str(out), BUCKET, "b"], repo, env)[0]
-                        )
-                out.unlink(missing_ok=True)
-                for side in order:
-                    if side == "nexus":
-                        record("again", *timed(store, repo, env))
-                    else:
-                        record("again/base", shell(f"sha256sum {path} >/dev/null", work))
+        yield f"http://{host}:{port}"
     finally:
         server.stop()
 
+
+def reset_moto(endpoint: str) -> None:
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=60):
+        pass
+
+
+def _s3rver_bin() -> Path | None:
+    """s3rver's entry point, installed with npm on first use; ``None`` without node."""
+    entry = S3RVER_HOME / "node_modules" / "s3rver" / "bin" / "s3rver.js"
+    if entry.exists():
+        return entry
+    if not (shutil.which("node") and shutil.which("npm")):
+        return None
+    S3RVER_HOME.mkdir(parents=True, exist_ok=True)
+    installed = subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(S3RVER_HOME), S3RVER],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return entry if installed.returncode == 0 and entry.exists() else None
+
+
+@contextlib.contextmanager
+def s3rver(data: Path) -> Iterator[str | None]:
+    """``http://127.0.0.1:PORT`` of s3rver serving ``data`` with the bench bucket, or None."""
+    entry = _s3rver_bin()
+    if entry is None:
+        yield None
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        ["node", str(entry), "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "-s",
+         "--allow-mismatched-signatures", "--configure-bucket", BUCKET],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit("s3rver did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def store_rows(work: Path, sizes: list[int], runs: int, endpoint: str) -> list[Row]:
+    """`nexus store` against boto3 `upload_file` at each size, then a second store."""
+    import boto3
+
+    env = _env(endpoint)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="S3RVER", aws_secret_access_key="S3RVER")  # fmt: skip
+    boto = [sys.executable, "-c", BOTO3, endpoint]
+    samples = Samples()
     rows = []
-    for key, figure, baseline in FIGURES:
-        nexus_s = samples.median[key]
-        baseline_s = samples.median[f"{key}/base"]
-        rows.append({"figure": figure, "nexus_s": nexus_s, "baseline_s": baseline_s,
-                     "ratio": nexus_s / baseline_s, "goal": "≤ 1.2",
-                     "peak_rss_mb": samples.rss[key], "note": baseline})  # fmt: skip
+    for size in sizes:
+        weights = work / f"s3-{size // MiB}.bin"
+        make_file(weights, size)
+        repo = work / f"s3-repo-{size // MiB}"
+        make_repo(repo)
+        store = [*NEXUS, "store", str(weights), "model", "--json"]
+        label = f"{size // MiB} MiB"
+        for run in range(runs):
+            reset_moto(endpoint)
+            client.create_bucket(Bucket=BUCKET)
+            (repo / ".nexus_meta.json").unlink(missing_ok=True)
+            for side in alternating(run, "nexus", "boto3"):
+                if side == "nexus":
+                    samples.record(f"store {label}", *timed(store, repo, env))
+                else:
+                    up = [*boto, "up", str(weights), BUCKET, "b"]
+                    samples.record(f"store {label}/base", timed(up, repo, env)[0])
+            if size == sizes[-1]:
+                for side in alternating(run, "nexus", "sha256sum"):
+                    if side == "nexus":
+                        samples.record("again", *timed(store, repo, env))
+                    else:
+                        samples.record("again/base", shell(f"sha256sum {weights}", work))
+        median = samples.median
+        rows.append(Row(f"s3: nexus store, {label} (moto)", median[f"store {label}"],
+                        median[f"store {label}/base"], "≤ 1.15", samples.rss[f"store {label}"],
+                        "boto3 upload_file (default TransferConfig)"))  # fmt: skip
+        weights.unlink()
+    rows.append(Row(f"s3: second nexus store, {sizes[-1] // MiB} MiB (nothing uploaded)",
+                    samples.median["again"], samples.median["again/base"], "≤ 1.2",
+                    samples.rss["again"], "sha256sum FILE"))  # fmt: skip
+    return rows
+
+
+def load_row(work: Path, size: int, runs: int, endpoint: str, server: str) -> Row:
+    """`nexus load` (verified) against boto3 `download_file` (unverified)."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    env = _env(endpoint)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="S3RVER", aws_secret_access_key="S3RVER")  # fmt: skip
+    with contextlib.suppress(ClientError):  # s3rver made it at start
+        client.create_bucket(Bucket=BUCKET)
+    weights = work / "s3-load.bin"
+    make_file(weights, size)
+    repo = work / "s3-load-repo"
+    make_repo(repo)
+    timed([*NEXUS, "store", str(weights), "model", "--json"], repo, env)
+    client.upload_file(str(weights), BUCKET, "b")
+    weights.unlink()
+    out = work / "out.bin"
+    boto = [sys.executable, "-c", BOTO3, endpoint, "down", str(out), BUCKET, "b"]
+    samples = Samples()
+    for run in range(runs):
+        for side in alternating(run, "nexus", "boto3"):
+            out.unlink(missing_ok=True)
+            if side == "nexus":
+                load = [*NEXUS, "load", "model", "-o", str(out)]
+                samples.record("load", *timed(load, repo, env))
+            else:
+                samples.record("load/base", timed(boto, repo, env)[0])
+    out.unlink(missing_ok=True)
+    return Row(f"s3: nexus load (verified), {size // MiB} MiB ({server})",
+               samples.median["load"], samples.median["load/base"], "≤ 1.15",
+               samples.rss["load"], "boto3 download_file (default, no checksum)")  # fmt: skip
+
+
+def s3_rows(work: Path, sizes: list[int], runs: int) -> list[Row]:
+    """Every S3 row: stores on moto, the load on s3rver (or moto, where node is missing)."""
+    with moto_server() as moto:
+        rows = store_rows(work, sizes, runs, moto)
+        with s3rver(work / "s3rver-data") as fast:
+            if fast is not None:
+                rows.append(load_row(work, sizes[-1], runs, fast, "s3rver"))
+            else:
+                reset_moto(moto)
+                rows.append(load_row(work, sizes[-1], runs, moto, "moto, no node for s3rver"))
     return rows
 
 
 def main() -> None:
+    from _harness import print_table
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--sizes-mib", default="64,256")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: tmp)")
     args = parser.parse_args()
-    size = args.size_mib * 1024 * 1024
-    with tempfile.TemporaryDirectory(prefix="nexus-bench-", dir=args.dir) as scratch:
-        weights = Path(scratch) / "weights.bin"
-        make_file(weights, size)
-        rows = s3_rows(weights, args.runs)
-    print(f"\nfile: {args.size_mib} MiB of random bytes, median of {args.runs} runs, "
-          f"{os.cpu_count()} CPUs, moto on 127.0.0.1\n")  # fmt: skip
-    print("| figure | nexus (s) | baseline (s) | ratio | goal | peak RSS (MB) | baseline |")
-    print("| --- | ---: | ---: | ---: | --- | ---: | --- |")
-    for row in rows:
-        print(f"| {row['figure']} | {row['nexus_s']:.2f} | {row['baseline_s']:.2f} "
-              f"| {row['ratio']:.2f} | {row['goal']} (RSS ≤ 300 MB) | {row['peak_rss_mb']:.0f} "
-              f"| {row['note']} |")  # fmt: skip
+    sizes = [int(s) * MiB for s in args.sizes_mib.split(",") if s]
+    with tempfile.TemporaryDirectory(prefix="nexus-bench-s3-", dir=args.dir) as scratch:
+        rows = s3_rows(Path(scratch), sizes, args.runs)
+    print_table(rows, f"median of {args.runs} runs, {os.cpu_count()} CPUs, servers on 127.0.0.1")
 
 
 if __name__ == "__main__":
