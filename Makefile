@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint format bench demo clean
+.PHONY: install test lint format bench demo serve publish-demo compose-config clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,22 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/transfer.py --size-mib 1024 --runs 3 --s3
 
+# The whole loop in a scratch repository: store, serve, predict, store v2, reload, roll back.
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+# The model server and the proxy on localhost, kept running (Ctrl-C stops both).
+# SERVE_PORT / SERVER_PORT pick the ports (8080 / 8000).
+serve: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/serve.sh
+
+# Store the demo model in the compose stack's MinIO and record it in .nexus_meta.json.
+publish-demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/publish_demo.sh
+
+# Compose v2's own validation of docker-compose.yml, offline (no Docker engine needed).
+compose-config: $(STAMP)
+	"$$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')" -f docker-compose.yml config -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
