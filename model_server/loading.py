@@ -161,6 +161,11 @@ def _timed(step: str, report: StepReporter) -> Iterator[dict]:
     except LoadError as exc:
         report(step, False, exc.message, time.perf_counter() - started)
         raise
+    except Exception as exc:  # a failure nobody foresaw still fails only this step
+        log.exception("%s: unexpected failure", step)
+        message = f"unexpected {type(exc).__name__}: {_first_line(exc)}"
+        report(step, False, message, time.perf_counter() - started)
+        raise LoadError(step, message) from exc
     report(step, True, note["detail"], time.perf_counter() - started)
 
 
@@ -315,17 +320,18 @@ def build_with_weights(
         raise LoadError(
             "load", f"NEXUS_MODEL_FACTORY={factory_spec} failed: {_first_line(exc)}"
         ) from exc
-    return module.to(device)
+    return module.to(device).eval()
 
 
 def load_torchscript(path: Path, device: torch.device, factory: str | None) -> tuple[Any, None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notices
-        return torch.jit.load(str(path), map_location=device), None
+        return torch.jit.load(str(path), map_location=device).eval(), None
 
 
 def load_torch_export(path: Path, device: torch.device, factory: str | None) -> tuple[Any, dict]:
     program = torch.export.load(str(path))
+    # an exported program is already in inference form (it has no train/eval switch)
     return program.module().to(device), signature_of_program(program)
 
 
@@ -404,8 +410,6 @@ def load_module(
         raise LoadError("load", f"out of memory on {device}: {_first_line(exc)}", "device") from exc
     except Exception as exc:
         raise LoadError("load", f"cannot load {fmt} from {path.name}: {_first_line(exc)}") from exc
-    if hasattr(module, "eval"):
-        module.eval()
     signature = record.signature or derived
     try:
         input_spec, output_spec = sample_specs(signature)

@@ -71,7 +71,7 @@ class ModelManager:
         self.runner = runner
         self.metrics = metrics
         self.model: LoadedModel | None = None
-        self.state = "starting"  # starting | loading | ready | failed
+        self.state = "loading"  # loading | ready | failed
         self.reason = "the model is loading"
         self.checks: dict[str, str] = dict.fromkeys(STEPS, "pending")
         self.last_reload: str | None = None
@@ -91,7 +91,8 @@ class ModelManager:
             checks["model"] = self.reason
         if self.last_reload is not None:
             checks["last_reload"] = self.last_reload
-        return {"status": "ready" if self.ready else "not_ready", "checks": checks}
+        # ready | loading | failed (the last two with 503)
+        return {"status": "ready" if self.ready else self.state, "checks": checks}
 
     # loading -------------------------------------------------------------------------
 

@@ -129,6 +129,8 @@ class ModelServerProcess:
             status, document = self.readiness()
             if status == 200:
                 return document
+            if document.get("status") == "failed":
+                raise AssertionError(f"the start-up load failed: {document}\n{self.log_text()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not ready after {timeout} s: {document}\n{self.log_text()}")
             time.sleep(0.05)
@@ -138,8 +140,7 @@ class ModelServerProcess:
         deadline = time.monotonic() + timeout
         while True:
             status, document = self.readiness()
-            checks = document.get("checks", {})
-            if status == 503 and "failed" in " ".join(str(v) for v in checks.values()):
+            if status == 503 and document.get("status") == "failed":
                 return document
             if status == 200 or time.monotonic() > deadline:
                 raise AssertionError(f"expected a failed start, got {status}: {document}")
@@ -183,20 +184,33 @@ class ModelServerProcess:
         self.stop()
 
 
-@pytest.fixture
-def model_server_process(tmp_path: Path) -> Iterator:
-    """A factory: ``model_server_process(env, cwd)`` starts a server stopped after the test."""
-    started: list[ModelServerProcess] = []
+class ServerPool:
+    """Starts servers with logs in ``log_dir``; stops them all when the block ends."""
 
-    def start(env: Mapping[str, str], cwd: Path, **kwargs: object) -> ModelServerProcess:
-        kwargs.setdefault("log", tmp_path / f"model-server-{len(started)}.log")
-        server = ModelServerProcess(env, cwd, **kwargs)  # type: ignore[arg-type]
-        started.append(server)
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.started: list[ModelServerProcess] = []
+
+    def start(self, env: Mapping[str, str], cwd: Path, **kwargs: Any) -> ModelServerProcess:
+        kwargs.setdefault("log", self.log_dir / f"model-server-{len(self.started)}.log")
+        server = ModelServerProcess(env, cwd, **kwargs)
+        self.started.append(server)
         return server.start()
 
-    yield start
-    for server in started:
-        server.stop()
+    def __enter__(self) -> ServerPool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for server in self.started:
+            server.stop()
+
+
+@pytest.fixture
+def model_server_process(tmp_path: Path) -> Iterator:
+    """A factory: ``model_server_process(env, cwd)`` starts a server stopped after the test
+    (opt in with ``pytest_plugins = ["tests.servers"]``, or use ``ServerPool``)."""
+    with ServerPool(tmp_path) as pool:
+        yield pool.start
 
 
 # a registry to serve from ----------------------------------------------------------------
