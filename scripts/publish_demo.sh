@@ -33,11 +33,19 @@ python "$here/demo_model.py" "$model" --seed "${DEMO_SEED:-1}"
 nexus store "$model" demo_model --meta .nexus_meta.json -m "demo model (make publish-demo)" \
     --input-shape 8
 
+echo
+echo "Published to s3://$NEXUS_BUCKET on $NEXUS_ENDPOINT_URL and recorded in .nexus_meta.json."
+# The server mounts .nexus_meta.json; nexus replaced the file (write, then rename), which a
+# running container's file mount does not follow: a restart mounts the new one.
+if command -v docker >/dev/null 2>&1 \
+    && [[ -n "$(docker compose ps --status running --quiet model-server 2>/dev/null)" ]]; then
+    echo "Restarting the stack's model server to serve it: docker compose restart model-server"
+    docker compose restart model-server
+else
+    echo "With the compose stack running: docker compose restart model-server"
+fi
 cat <<NEXT
-
-Published to s3://$NEXUS_BUCKET on $NEXUS_ENDPOINT_URL and recorded in .nexus_meta.json.
-Let the running stack pick it up:   docker compose restart model-server
-(the server mounts .nexus_meta.json; a restart re-reads it)   then try:
+Then (once /readyz says ready):
   curl -s localhost:8080/predict -H 'Content-Type: application/json' \\
        -d '{"input": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}'
 NEXT
