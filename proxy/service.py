@@ -7,6 +7,7 @@ in its own lifespan.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -50,6 +51,8 @@ class ProxyService:
         self.endpoints: list[dict[str, str]] = []  # filled by routes.create_router
         self._token = settings.api_token.encode() if settings.api_token else None
         self._registration: Any = None
+        self._registered_commit: str | None = None
+        self._background: set[asyncio.Task] = set()
         self.draining = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -105,14 +108,27 @@ class ProxyService:
             list(self.settings.etcd_endpoints),
             self.settings.advertise_url,
             self.settings.etcd_ttl_s,
+            self.settings.instance_id,
         )
+        self._registered_commit = (self.model() or {}).get("commit_hash")
         await self._registration.start(self.discovery())
+
+    def _update_registration(self) -> None:
+        """Publish the discovery document again when the model behind the proxy changed."""
+        commit = (self.model() or {}).get("commit_hash")
+        if self._registration is None or commit == self._registered_commit or self.draining:
+            return
+        self._registered_commit = commit
+        task = asyncio.get_running_loop().create_task(self._registration.update(self.discovery()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _upstreams_changed(self) -> None:
         for server in self.servers.servers:
             self.metrics.upstream_ready.labels(server.url).set(1 if server.ready else 0)
         if self.batcher is not None:
             self.batcher.notify()
+        self._update_registration()
 
     # -- what routes ask ---------------------------------------------------------------
 

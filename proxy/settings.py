@@ -7,6 +7,7 @@ variable, what it holds and what it should hold.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 T = TypeVar("T", int, float)
 
 MIB = 1024 * 1024
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class SettingsError(ValueError):
@@ -38,6 +40,7 @@ class Settings:
     etcd_endpoints: tuple[str, ...] = ()
     advertise_url: str | None = None
     etcd_ttl_s: float = 10.0
+    instance_id: str | None = None
     log_level: str = "info"
 
     @classmethod
@@ -60,6 +63,12 @@ class Settings:
             )
         if advertise:
             advertise = _url("NEXUS_ADVERTISE_URL", advertise)
+        instance_id = env.get("NEXUS_INSTANCE_ID") or None
+        if instance_id is not None and not _INSTANCE_ID.fullmatch(instance_id):
+            raise SettingsError(
+                f"NEXUS_INSTANCE_ID={instance_id!r}: use letters, digits, '.', '_' and '-' "
+                "(at most 128, starting with a letter or digit)"
+            )
         level = env.get("NEXUS_LOG_LEVEL", "info").lower()
         if level not in ("critical", "error", "warning", "info", "debug"):
             raise SettingsError(
@@ -87,6 +96,7 @@ class Settings:
             etcd_endpoints=etcd,
             advertise_url=advertise,
             etcd_ttl_s=_number(env, "NEXUS_ETCD_TTL_S", 10.0, float, low=1, high=86_400),
+            instance_id=instance_id,
             log_level=level,
         )
 

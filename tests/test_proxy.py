@@ -515,3 +515,52 @@ def test_the_proxy_never_imports_torch_and_starts_fast() -> None:
     seconds, loaded = done.stdout.splitlines()
     assert loaded == "False False"
     assert float(seconds) < 10  # catches a heavy import; the real figure is in the README
+
+
+GATEWAY = """
+import contextlib, os, sys
+import uvicorn
+from fastapi import FastAPI
+from proxy.routes import create_router
+from proxy.service import ProxyService
+from proxy.settings import Settings
+
+service = ProxyService(Settings.from_env())
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    async with service.running():
+        yield
+
+app = FastAPI(lifespan=lifespan)
+
+@app.get("/gateway/own-route")
+async def own():
+    return {"gateway": True}
+
+app.include_router(create_router(service), prefix="/ml")
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def test_a_gateway_includes_the_router(tmp_path, backend) -> None:
+    port = free_port()
+    env = {**os.environ, "NEXUS_MODEL_SERVER_URL": backend.url, "NEXUS_HEALTH_INTERVAL_S": "0.2"}
+    with open(tmp_path / "gateway.log", "wb") as log:
+        gateway = subprocess.Popen(
+            [sys.executable, "-c", GATEWAY, str(port)], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http("GET", url + "/ml/readyz")[0] == 200, 30, "gateway ready")
+        assert json.loads(http("GET", url + "/gateway/own-route")[2]) == {"gateway": True}
+        status, _, body = http("POST", url + "/ml/predict", {"input": [1, 2, 3, 4]})
+        assert status == 200, body
+        assert json.loads(body)["output"] == [2, 4, 6, 8]
+        status, _, body = http("POST", url + "/ml/predict", {"input": [1, 2]})
+        assert status == 422  # errors in the shared shape without the standalone app's handlers
+        assert json.loads(body)["error"]["code"] == "invalid_input"
+    finally:
+        gateway.kill()
+        gateway.wait(10)
