@@ -154,16 +154,13 @@ def _check_output_target(target: Path) -> None:
     """
     try:
         mode = os.lstat(target).st_mode
-    except FileNotFoundError:
-        pass
-    except NotADirectoryError:
-        mode = None  # a parent is a file: said below
-    else:
-        if not stat.S_ISREG(mode):
-            raise UsageError(
-                f"refusing to write {target}: it is {describe_file_type(mode)}, "
-                "not a regular file (remove it or choose another -o)"
-            )
+    except (FileNotFoundError, NotADirectoryError):  # a parent that is a file: said below
+        mode = stat.S_IFREG
+    if not stat.S_ISREG(mode):
+        raise UsageError(
+            f"refusing to write {target}: it is {describe_file_type(mode)}, "
+            "not a regular file (remove it or choose another -o)"
+        )
     folder = target.parent
     while not os.path.lexists(folder) and folder != folder.parent:
         folder = folder.parent

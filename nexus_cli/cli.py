@@ -167,9 +167,12 @@ def _say_waiting(lock_path: Path) -> None:
 
 
 def _run(out: Output, action: Callable[[], Reply]) -> None:
-    """Run a command body, turning every error into one line and an exit code."""
+    """Run a command body and show its reply, turning every error into one line and an
+    exit code (rendering included: a failure while printing is still one line)."""
     try:
-        reply = action()
+        out.emit(action())
+    except typer.Exit:
+        raise
     except NexusError as exc:
         if out.debug:
             traceback.print_exc()
@@ -181,7 +184,6 @@ def _run(out: Output, action: Callable[[], Reply]) -> None:
             traceback.print_exc()
         message = f"unexpected error: {type(exc).__name__}: {exc} (run with --debug for details)"
         raise out.fail("unexpected", message, 1) from None
-    out.emit(reply)
 
 
 def command(name: str | None = None, *, on_project: bool = True) -> Callable:
