@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Repo, run_nexus
 
 
@@ -55,6 +57,7 @@ def test_two_writers_of_the_same_bytes_both_succeed_with_one_upload(repo: Repo) 
     assert len(repo.meta["models"]["prod_model"]["versions"]) == 1
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_a_store_killed_mid_write_leaves_nothing_and_runs_again(repo: Repo) -> None:
     weights = repo.write_weights("big.pt", b"")
     with open(weights, "r+b") as handle:  # 512 MiB, mostly a hole: quick to make, slow to copy
