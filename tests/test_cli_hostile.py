@@ -403,3 +403,18 @@ def test_a_waiting_command_says_so_on_stderr(cli, repo: Repo) -> None:
     assert process.returncode == 0, err
     assert "waiting for another nexus command" in err
     assert json.loads(out)["uploaded"] is True  # stdout is JSON only
+
+
+def test_a_failure_while_rendering_is_still_one_line(cli, repo: Repo, monkeypatch) -> None:
+    from nexus_cli import console
+
+    stored(cli, repo)
+
+    def broken_table(_versions) -> None:
+        raise RuntimeError("terminal gone")
+
+    monkeypatch.setattr(console, "versions_table", broken_table)
+    result = cli("list")
+    assert result.exit_code == 1
+    assert "terminal gone" in result.stderr
+    assert "Traceback" not in result.stderr
