@@ -52,6 +52,7 @@ DEFAULT_TTL_S = 10.0
 MIN_TTL_S = 1.0
 _REQUEST_TIMEOUT_S = 3.0
 _STOP_TIMEOUT_S = 2.0
+_FIRST_TRY_TIMEOUT_S = 5.0
 _MAX_RETRY_DELAY_S = 10.0
 _INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -138,10 +139,13 @@ class Registration:
         # trust_env=False: a proxy variable in the environment must not reroute etcd traffic
         self._client = httpx.AsyncClient(timeout=_REQUEST_TIMEOUT_S, trust_env=False)
         try:
-            await self._register()
-        except RegistrationError as exc:
+            # bounded: a black-holed endpoint list must not hold up the proxy's start
+            async with asyncio.timeout(_FIRST_TRY_TIMEOUT_S):
+                await self._register()
+        except (RegistrationError, TimeoutError) as exc:
+            reason = exc if str(exc) else f"no answer within {_FIRST_TRY_TIMEOUT_S:g} s"
             log.warning(
-                "etcd registration of %s failed, retrying in the background: %s", self.key, exc
+                "etcd registration of %s failed, retrying in the background: %s", self.key, reason
             )
         self._task = asyncio.create_task(self._maintain(), name="nexus-etcd-registration")
 

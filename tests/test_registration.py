@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -153,6 +154,31 @@ def test_unreachable_etcd_does_not_block_start_and_registration_follows_later(
     assert "retrying in the background" in caplog.text
     assert entry is not None, "the background task should register once etcd is up"
     assert after is None
+
+
+def test_start_and_stop_are_bounded_when_etcd_accepts_but_never_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as first, socket.socket() as second:
+        for silent in (first, second):  # connections queue in the backlog, never answered
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(16)
+        endpoints = [f"http://127.0.0.1:{s.getsockname()[1]}" for s in (first, second)]
+        registration = Registration(endpoints, "http://h:8080", ttl_s=2, instance_id="silent")
+
+        async def scenario() -> tuple[float, float]:
+            began = time.monotonic()
+            await registration.start(METADATA)
+            started = time.monotonic() - began
+            began = time.monotonic()
+            await registration.stop()
+            return started, time.monotonic() - began
+
+        with caplog.at_level("WARNING", logger="proxy.registration"):
+            started, stopped = _run(scenario())
+    assert started < 8, "the first try is bounded (5 s), whatever the endpoints do"
+    assert stopped < 5
+    assert "retrying in the background" in caplog.text
 
 
 def test_stop_is_bounded_when_etcd_is_gone() -> None:
