@@ -4,16 +4,18 @@ repository. The best integration test there is; plus: a failed start still clean
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.cloud_servers import free_port
+from tests.cloud_servers import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "scripts" / "demo.sh"
@@ -91,3 +93,47 @@ def test_demo_that_cannot_start_fails_clearly_and_still_cleans_up(tmp_path: Path
     assert "last lines of the proxy log" in result.stdout
     assert port_is_free(server_port), "the model server it started must be stopped"
     assert not list(tmp_path.glob("nexus-demo-*"))
+
+
+def _start_serve(tmp_path: Path, serve_dir: Path, server_port: int, proxy_port: int):
+    log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115 - closed once the process has it
+    process = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "serve.sh")],
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "SERVE_DIR": str(serve_dir),
+            "SERVE_PORT": str(proxy_port),
+            "SERVER_PORT": str(server_port),
+        },
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    return process
+
+
+@pytest.mark.slow
+def test_serve_keeps_both_running_and_reuses_its_repository(tmp_path: Path) -> None:
+    serve_dir = tmp_path / "serve-demo"
+    for attempt in ("first", "second"):
+        server_port, proxy_port = free_port(), free_port()
+        process = _start_serve(tmp_path, serve_dir, server_port, proxy_port)
+        try:
+            wait_for_http(f"http://127.0.0.1:{proxy_port}/readyz", timeout=120)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{proxy_port}/predict",
+                data=json.dumps({"input": [0.1] * 8}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answer = json.loads(response.read())
+            assert len(answer["output"]) == 2
+            assert process.poll() is None, "make serve keeps running"
+        finally:
+            process.terminate()  # what Ctrl-C / a service manager does
+            process.wait(timeout=60)
+        assert port_is_free(server_port), f"{attempt} run: the model server must stop with it"
+        assert port_is_free(proxy_port), f"{attempt} run: the proxy must stop with it"
+    log = (tmp_path / "serve.log").read_text()
+    assert log.count("first run: versioning the demo model") == 1, "the second run reuses it"
