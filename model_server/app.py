@@ -45,6 +45,8 @@ log = logging.getLogger("model_server")
 SERVICE_NAME = "nexus-model-server"
 #: bodies up to this size are decoded on the event loop (a thread hop costs more)
 INLINE_BYTES = 256 * 1024
+#: outputs up to this many numbers are encoded on the event loop
+INLINE_OUTPUTS = 16 * 1024
 
 _PREDICT_BODY = {
     "required": True,
@@ -259,17 +261,31 @@ def create_app(settings: Settings) -> FastAPI:
             batch = await run_in_threadpool(
                 decode_batch, body, model.input_spec, settings.max_batch
             )
-        metrics.decode_seconds.observe(time.perf_counter() - started)
-        outputs = await request.app.state.runner.run(model, [g.array for g in batch.groups])
-        started = time.perf_counter()
-        check_outputs(batch, outputs)
+        decoded = time.perf_counter()
+        ran = await request.app.state.runner.run(model, [g.array for g in batch.groups])
+        returned = time.perf_counter()
+        check_outputs(batch, ran.outputs)
         tag = {"name": model.name, "commit_hash": model.commit_hash}
-        if batch.count * outputs[0][0].size <= 4096:
-            content = encode_outputs(batch, outputs, tag)
+        if batch.count * ran.outputs[0][0].size <= INLINE_OUTPUTS:
+            content = encode_outputs(batch, ran.outputs, tag)
         else:
-            content = await run_in_threadpool(encode_outputs, batch, outputs, tag)
-        metrics.encode_seconds.observe(time.perf_counter() - started)
-        return Response(content, media_type="application/json")
+            content = await run_in_threadpool(encode_outputs, batch, ran.outputs, tag)
+        encoded = time.perf_counter()
+        metrics.decode_seconds.observe(decoded - started)
+        metrics.encode_seconds.observe(encoded - returned)
+        timing = {
+            "decode": decoded - started,
+            "queue": ran.queue_seconds,
+            "forward": ran.forward_seconds,
+            "encode": encoded - returned,
+        }
+        return Response(
+            content,
+            media_type="application/json",
+            headers={
+                "Server-Timing": ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timing.items())
+            },
+        )
 
     @app.post(
         "/admin/reload",

@@ -36,6 +36,16 @@ class _Job:
     arrays: list[np.ndarray]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    queued_at: float
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A job's outputs (one array per input array) and where its time went."""
+
+    outputs: list[np.ndarray]
+    queue_seconds: float
+    forward_seconds: float
 
 
 _STOP = object()
@@ -56,10 +66,10 @@ class DeviceRunner:
         """Jobs waiting for the device (not counting the one running)."""
         return self._queue.qsize()
 
-    async def run(self, model: LoadedModel, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    async def run(self, model: LoadedModel, arrays: list[np.ndarray]) -> Ran:
         """One output array per input array, computed by ``model`` on the worker thread."""
         loop = asyncio.get_running_loop()
-        job = _Job(model, arrays, loop.create_future(), loop)
+        job = _Job(model, arrays, loop.create_future(), loop, time.perf_counter())
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -82,11 +92,12 @@ class DeviceRunner:
             if job is _STOP:
                 return
             try:
-                started = time.perf_counter()
                 with self.device_lock:
+                    started = time.perf_counter()
                     outputs = [job.model.forward(array) for array in job.arrays]
-                self._observe(sum(len(a) for a in job.arrays), time.perf_counter() - started)
-                self._resolve(job, outputs, None)
+                    seconds = time.perf_counter() - started
+                self._observe(sum(len(a) for a in job.arrays), seconds)
+                self._resolve(job, Ran(outputs, started - job.queued_at, seconds), None)
             except BaseException as exc:  # noqa: BLE001 - every failure goes to its caller
                 self._resolve(job, None, _serving_error(exc, job.model))
 
