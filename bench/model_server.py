@@ -177,14 +177,20 @@ def forward_timings(model, batch, count: int) -> list[float]:
     return seconds
 
 
-def publish(repo: Path, weights: Path, environ: dict[str, str]) -> None:
+def publish(repo: Path, weights: Path, environ: dict[str, str], features: int) -> None:
+    """Store ``weights`` at a new commit, with a signature: the server warms up (touches
+    every weight) before it says ready, as a real deployment would."""
     from nexus_cli.api import Project
+    from nexus_cli.signature import signature_from_input_shape
 
     with open(repo / "train.py", "a") as handle:
         handle.write(f"# {time.time_ns()}\n")
     subprocess.run(["git", "add", "train.py"], cwd=repo, check=True)
     subprocess.run(["git", "commit", "-qm", "train"], cwd=repo, check=True)
-    Project(repo / ".nexus_meta.json", environ=environ).store(weights, MODEL, allow_dirty=True)
+    signature = signature_from_input_shape(str(features))
+    Project(repo / ".nexus_meta.json", environ=environ).store(
+        weights, MODEL, allow_dirty=True, signature=signature
+    )
     subprocess.run(["git", "add", ".nexus_meta.json"], cwd=repo, check=True)
     subprocess.run(["git", "commit", "-qm", "store"], cwd=repo, check=True)
 
@@ -246,7 +252,7 @@ def main() -> None:
             "NEXUS_MODEL_FACTORY": FACTORIES[args.size],
             "NEXUS_DEVICE": device,
         }
-        publish(repo, weights, env)
+        publish(repo, weights, env, features)
         from nexus_cli.api import Project
 
         record = Project(repo / ".nexus_meta.json", environ=env).resolve(MODEL)
@@ -299,7 +305,7 @@ def main() -> None:
             rss["before_reload"] = server.memory_mb("VmRSS")
             torch.manual_seed(2)
             second = save(builder(), work / "weights-2.pt", "state_dict")
-            publish(repo, second, env)
+            publish(repo, second, env, features)
             request = urllib.request.Request(f"{server.url}/admin/reload", method="POST")
             with urllib.request.urlopen(request, timeout=600) as response:
                 reload = json.loads(response.read())

@@ -138,5 +138,8 @@ def fetch_cached(
             project.fetch(record, path)
         else:
             project.fetch(record, path, progress=progress)
+        # read-only: a server may map the file, so nothing should write to it in place
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o444)
         _write_stamp(path, record.sha256)
         return path

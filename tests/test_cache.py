@@ -101,6 +101,7 @@ def test_changed_bytes_of_the_same_size_are_fetched_again(
 ) -> None:
     project, record = stored
     path = cache.fetch_cached(project, record, tmp_path / "cache")
+    path.chmod(0o644)  # the cache keeps its files read-only
     stat = path.stat()
     with open(path, "r+b") as handle:  # same size, same mtime: only the ctime tells
         handle.seek(1000)
@@ -114,6 +115,8 @@ def test_changed_bytes_of_the_same_size_are_fetched_again(
 def test_wrong_size_is_dropped(stored, tmp_path: Path) -> None:
     project, record = stored
     path = cache.fetch_cached(project, record, tmp_path / "cache")
+    assert path.stat().st_mode & 0o777 == 0o444
+    path.chmod(0o644)
     path.write_bytes(DATA[:-1])
     assert cache.find_cached(record, tmp_path / "cache") is None
     assert not path.exists()
