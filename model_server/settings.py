@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nexus_cli.cache import default_cache_dir
@@ -39,10 +39,10 @@ class Settings:
     queue_size: int
     concurrency: int
     max_body_bytes: int
-    api_token: str | None
+    api_token: str | None = field(repr=False)  # never in a log line
     host: str
     port: int
-    environ: Mapping[str, str]
+    environ: Mapping[str, str] = field(repr=False)  # holds credentials
 
     @classmethod
     def from_env(
