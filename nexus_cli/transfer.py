@@ -17,10 +17,11 @@ import stat
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from queue import Queue
+from typing import Any, BinaryIO, TypeVar
 
 from nexus_cli.errors import IntegrityError, UsageError
 from nexus_cli.files import temp_path_beside
@@ -309,13 +310,73 @@ def ordered_parallel(fn: Callable[[T], R], items: Iterable[T], workers: int) -> 
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def hashed_parts(
-    handle: BinaryIO | SourceFile, part_size: int, hasher: StreamHasher
-) -> Iterator[tuple[int, bytes]]:
-    """``(part_number, bytes)`` of ``handle`` from 1, each fed to ``hasher`` as it is read."""
-    for number, chunk in enumerate(read_chunks(handle, part_size), start=1):
-        hasher.update(chunk)
-        yield number, chunk
+def unordered_parallel(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """Run ``fn(item)`` for each item on ``workers`` threads; yield results as they finish.
+
+    Like ``ordered_parallel`` (lazy, at most ``workers + 1`` items pulled ahead, nothing
+    left running once closed), but a slow call holds up only itself: the next item is
+    started as soon as any call finishes. For uploads, whose parts may land in any order.
+    """
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nexus-part")
+    running: set[Future[R]] = set()
+    try:
+        for item in items:
+            running.add(pool.submit(fn, item))
+            if len(running) > workers:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a file on its way up: ``data`` is valid until ``release()``."""
+
+    number: int
+    data: bytes | bytearray
+    release: Callable[[], None]
+
+
+def pooled_parts(
+    reader: BinaryIO | SourceFile, part_size: int, buffers: int, sha256: Any
+) -> Iterator[Part]:
+    """The parts of ``reader`` in order, from 1, read into ``buffers`` reused buffers.
+
+    Each part is hashed into ``sha256`` (a ``hashlib`` object) as it is read, on the
+    caller's thread (hashlib lets go of the GIL, so senders keep running). Reading waits
+    for a released buffer: memory stays at ``buffers * part_size``, and no buffer is
+    allocated (or page-faulted in) twice. The caller must release every part it takes,
+    and take at most ``buffers - 1`` ahead of the releases, or reading waits forever.
+    """
+    free: Queue[bytearray] = Queue()
+    for _ in range(buffers):
+        free.put(bytearray(part_size))
+    for number in itertools.count(1):
+        buffer = free.get()
+        view = memoryview(buffer)
+        count = 0
+        while count < part_size and (got := reader.readinto(view[count:])):
+            count += got
+        if not count:
+            return
+        sha256.update(view[:count])
+        # a short last part goes as a copy of its bytes; the buffer is free at once
+        data: bytes | bytearray = buffer if count == part_size else bytes(view[:count])
+        if data is not buffer:
+            free.put(buffer)
+        yield Part(number, data, (lambda b=buffer: free.put(b)) if data is buffer else _noop)
+        if count < part_size:
+            return
+
+
+def _noop() -> None:
+    pass
 
 
 def read_hashed(handle: BinaryIO | SourceFile) -> tuple[bytes, Digest]:

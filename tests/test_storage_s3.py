@@ -447,3 +447,29 @@ def test_listing_leftovers_when_denied_names_the_permission(store: S3Store) -> N
     _answer_once(store, "ListMultipartUploads", 403, "AccessDenied")
     with pytest.raises(StorageError, match="s3:ListBucketMultipartUploads"):
         list(store.leftovers(timedelta(0)))
+
+
+def test_parts_reuse_a_bounded_set_of_buffers_and_may_land_in_any_order(
+    store: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow first part holds up only itself (the others go on), parts are listed in
+    order at completion, and the bytes and digest are right although buffers are reused."""
+    source, data = payload(tmp_path, "big.pt", 8 * 5 * MiB + 11)  # nine parts, four workers
+    real = store._send_part
+    finished: list[int] = []
+    first_may_finish = threading.Event()
+
+    def slow_first(upload, number, chunk):
+        if number == 1:
+            assert first_may_finish.wait(timeout=60)
+        answer = real(upload, number, chunk)
+        finished.append(number)
+        if len(finished) == 5:
+            first_may_finish.set()  # five other parts went up while the first was stuck
+        return answer
+
+    monkeypatch.setattr(store, "_send_part", slow_first)
+    digest = store.put_file(source, "m/big.pt")
+    assert digest == digest_of(data) == store.content_digest("m/big.pt")
+    assert finished.index(1) >= 5
+    assert sorted(finished) == list(range(1, 10))

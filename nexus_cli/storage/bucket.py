@@ -10,7 +10,8 @@ template here decides everything else, once:
 - ``put_file``: the source is read once through ``SourceFile`` (a read failure is the
   user's path problem, exit 2); up to ``single_request_max`` bytes go up in one
   request, larger files as parts read in order, hashed on the way and sent on a bounded
-  thread pool; any failure aborts the parts;
+  thread pool, in any order (a slow part holds up only itself); any failure aborts the
+  parts;
 - create-only writes and lost replies: each upload carries a random token in the
   object's metadata. When the create-only request meets a taken key (a 412, typically
   the SDK's retry of a request whose reply was lost), the stored object's token tells
@@ -24,6 +25,7 @@ What a provider supplies is listed under "the provider's part" below.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
@@ -43,14 +45,15 @@ from nexus_cli.names import validate_storage_key
 from nexus_cli.storage.base import ObjectInfo, ObjectStore
 from nexus_cli.transfer import (
     Digest,
+    Part,
     Progress,
     SourceFile,
-    StreamHasher,
     byte_ranges,
-    hashed_parts,
     no_progress,
     ordered_parallel,
+    pooled_parts,
     read_hashed,
+    unordered_parallel,
 )
 
 MiB = 1024 * 1024
@@ -256,29 +259,34 @@ class BucketStore(ObjectStore):
         token: str,
         progress: Progress,
     ) -> Digest:
-        """Parts read once in order, hashed as read, sent in parallel; aborted on any failure."""
+        """Parts read once, in order, into reused buffers, hashed as read, sent in parallel
+        and in any order; aborted on any failure."""
         upload = self._start_parts(name, token)
 
-        def send(part: tuple[int, bytes]) -> tuple[int, Any]:
-            number, chunk = part
-            return len(chunk), self._send_part(upload, number, chunk)
+        def send(part: Part) -> tuple[int, int, Any]:
+            try:
+                return len(part.data), part.number, self._send_part(upload, part.number, part.data)
+            finally:
+                part.release()
 
-        hasher = StreamHasher()
+        sha256 = hashlib.sha256()
         try:
-            parts = []
-            chunks = hashed_parts(reader, self._part_size_for(reader.size), hasher)
-            with closing(ordered_parallel(send, chunks, self.max_concurrency)) as sent:
-                for count, part in sent:
-                    parts.append(part)
+            sent_parts, size = [], 0
+            chunks = pooled_parts(
+                reader, self._part_size_for(reader.size), self.max_concurrency + 2, sha256
+            )
+            with closing(unordered_parallel(send, chunks, self.max_concurrency)) as sent:
+                for count, number, part in sent:
+                    sent_parts.append((number, part))
+                    size += count
                     progress(count)
-            digest = hasher.digest()
+            parts = [part for _, part in sorted(sent_parts, key=lambda pair: pair[0])]
+            digest = Digest(sha256.hexdigest(), size)
             self._create(key, digest, token, lambda: self._finish_parts(upload, parts, if_absent))
             return digest
         except BaseException:
             self._abort_parts(upload)
             raise
-        finally:
-            hasher.close()
 
     def _part_size_for(self, size: int) -> int:
         """The part size for a file of ``size`` bytes (providers cap the part count)."""

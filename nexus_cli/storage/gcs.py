@@ -303,11 +303,11 @@ class GCSStore(BucketStore):
         temp_prefix = self._name(f"{TEMP_ROOT}/{secrets.token_hex(8)}") + "/"
         return _Composite(name, temp_prefix, token)
 
-    def _send_part(self, upload: _Composite, number: int, chunk: bytes) -> str:
+    def _send_part(self, upload: _Composite, number: int, chunk: bytes | bytearray) -> str:
         part_name = f"{upload.temp_prefix}{number:05d}"
         # no precondition: the name is random, so nobody else writes it, and a retry
         # after a lost reply must overwrite the part rather than fail with a 412
-        self._bucket.blob(part_name).upload_from_string(chunk, retry=RETRY)
+        self._bucket.blob(part_name).upload_from_string(bytes(chunk), retry=RETRY)
         return part_name
 
     def _finish_parts(self, upload: _Composite, parts: list[Any], if_absent: bool) -> None:

@@ -358,7 +358,7 @@ class S3Store(BucketStore):
         )
         return _Upload(name, answer["UploadId"], token)
 
-    def _send_part(self, upload: _Upload, number: int, chunk: bytes) -> dict[str, Any]:
+    def _send_part(self, upload: _Upload, number: int, chunk: bytes | bytearray) -> dict[str, Any]:
         answer = self._client.upload_part(
             Bucket=self.bucket_name,
             Key=upload.name,
