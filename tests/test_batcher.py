@@ -47,6 +47,7 @@ class FakeUpstream:
         self.delay = delay
         self.per_sample = per_sample
         self.gate: asyncio.Event | None = None  # set: the model answers; unset: it hangs
+        self.hold_first: asyncio.Event | None = None  # like gate, for the first batch only
         self.batches: list[list[float]] = []
         self.running = 0
         self.most_running = 0
@@ -68,6 +69,9 @@ class FakeUpstream:
         try:
             if self.gate is not None:
                 await self.gate.wait()
+            if self.hold_first is not None:
+                gate, self.hold_first = self.hold_first, None
+                await gate.wait()
             await asyncio.sleep(self.delay + self.per_sample * n)
         finally:
             self.running -= 1
@@ -383,3 +387,32 @@ def test_cost_model_with_one_size_predicts_its_mean() -> None:
     for duration in (0.01, 0.03):
         cost.observe(4, duration)
     assert cost.predict(100) == pytest.approx(0.02)
+
+
+def test_while_a_batch_runs_the_next_one_gathers_company_within_the_window() -> None:
+    async def main():
+        fake = FakeUpstream(max_concurrency=2)
+        gate = fake.hold_first = asyncio.Event()
+        records = Records()
+        batcher = await started([fake], max_batch_size=32, max_wait_s=0.3, observer=records)
+        for n in (1, 8, 16, 32):
+            batcher.cost.observe(n, 5.0 + 0.01 * n)  # learnt: a batch runs for seconds
+        running = asyncio.ensure_future(batcher.submit(part(0.5), 1, 30))
+        await asyncio.sleep(0.02)  # in flight, held at the gate: the upstream is busy
+        later = []
+        for i in range(5):  # arrive one by one while the other batch runs
+            later.append(asyncio.ensure_future(batcher.submit(part(i), 1, 30)))
+            await asyncio.sleep(0.01)
+        # the window (0.3 s) ends long before the running batch (predicted 5 s): they
+        # leave together when it does, without waiting for the running batch
+        replies = await asyncio.wait_for(asyncio.gather(*later), 5)
+        gate.set()
+        await running
+        await batcher.stop()
+        return replies, records
+
+    replies, records = run(main())
+    assert [r.outputs for r in replies] == [[2 * i] for i in range(5)]
+    together = [r for r in records.batches if r.samples == 5]
+    assert len(together) == 1
+    assert together[0].wait_s >= 0.2  # it waited for company (the window, not the toll)
