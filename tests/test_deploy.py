@@ -293,12 +293,37 @@ def test_ci_workflow_runs_ci_run_on_linux_and_cli_tests_elsewhere() -> None:
             assert (ROOT / name).is_file(), f"ci.yml runs {name}, which does not exist"
 
 
-def test_ci_run_installs_etcd_and_runs_lint_and_test() -> None:
-    text = (ROOT / ".ci" / "run").read_text()
-    assert "apt-get install" in text
-    assert "etcd-server" in text
-    assert "make lint" in text
-    assert "make test" in text
+def _stub_path(tmp_path: Path, *, with_etcd: bool) -> Path:
+    """A PATH of logging stand-ins for make, apt-get, sudo (and etcd when asked), plus the
+    few real tools .ci/run itself uses."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "calls.log"
+    names = ["make", "apt-get", "sudo"] + (["etcd"] if with_etcd else [])
+    for name in names:
+        script = f'#!/bin/sh\necho "{name} $*" >> "{log}"\n'
+        if name == "sudo":
+            script += 'exec "$@"\n'
+        (stubs / name).write_text(script)
+        (stubs / name).chmod(0o755)
+    for real in ("bash", "dirname", "id", "sh", "env"):
+        found = shutil.which(real)
+        assert found, real
+        (stubs / real).symlink_to(found)
+    return stubs
+
+
+@pytest.mark.parametrize("with_etcd", [False, True], ids=["no-etcd", "etcd"])
+def test_ci_run_installs_etcd_only_when_missing_then_lints_and_tests(
+    tmp_path: Path, with_etcd: bool
+) -> None:
+    stubs = _stub_path(tmp_path, with_etcd=with_etcd)
+    result = run(ROOT / ".ci" / "run", env={"PATH": str(stubs), "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    calls = [c for c in calls if not c.startswith("sudo ")]  # sudo (if not root) runs apt-get
+    install = ["apt-get update", "apt-get install -y --no-install-recommends etcd-server"]
+    assert calls == ([] if with_etcd else install) + ["make lint", "make test"]
 
 
 def test_publish_workflow_guards_against_loops_and_races() -> None:
