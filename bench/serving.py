@@ -59,7 +59,8 @@ async def _load(url: str, route: str, clients: int, seconds: float, warmup: floa
     bodies = [json.dumps({key: [s] if key == "inputs" else s}).encode() for s in samples]
     headers = {"Content-Type": "application/json"}
     latencies: list[float] = []
-    errors = 0
+    errors = total = 0
+    cpu_begin = time.process_time()
     connector = aiohttp.TCPConnector(limit=clients + 4)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -68,7 +69,7 @@ async def _load(url: str, route: str, clients: int, seconds: float, warmup: floa
         stop = start_counting + seconds
 
         async def client(index: int) -> None:
-            nonlocal errors
+            nonlocal errors, total
             i = index
             while True:
                 sent = time.perf_counter()
@@ -80,6 +81,7 @@ async def _load(url: str, route: str, clients: int, seconds: float, warmup: floa
                     await response.read()
                     ok = response.status == 200
                 done = time.perf_counter()
+                total += 1
                 if sent >= start_counting:
                     if ok:
                         latencies.append(done - sent)
@@ -96,6 +98,8 @@ async def _load(url: str, route: str, clients: int, seconds: float, warmup: floa
 
     return {
         "requests": count,
+        "total_requests": total,
+        "client_cpu_ms": (time.process_time() - cpu_begin) / max(total, 1) * 1000,
         "errors": errors,
         "throughput": count / seconds,
         "p50_ms": pct(0.5) * 1000,
@@ -302,7 +306,7 @@ def main() -> None:
         try:
             wait_ready(server_url, server, work / "server.log")
             wait_ready(proxy_url, proxy, work / "proxy.log")
-            rows = measure(args, t1, t32, server_url, proxy_url, proxy.pid)
+            rows = measure(args, t1, t32, server_url, proxy_url, proxy.pid, server.pid)
         finally:
             for process in (proxy, server):
                 process.terminate()
@@ -321,7 +325,15 @@ def main() -> None:
         args.json.write_text(json.dumps([row.__dict__ for row in rows], indent=2))
 
 
-def measure(args, t1: float, t32: float, server_url: str, proxy_url: str, proxy_pid: int):
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    args, t1: float, t32: float, server_url: str, proxy_url: str, proxy_pid: int, server_pid: int
+):
     c, seconds, warmup = args.clients, args.seconds, min(2.0, args.seconds / 3)
     results: dict[str, list[dict]] = {}
     histograms = []
@@ -333,13 +345,19 @@ def measure(args, t1: float, t32: float, server_url: str, proxy_url: str, proxy_
             ("proxy_lone", proxy_url, "/predict", 1),
         ):
             before = batch_histogram(proxy_url) if name == "proxy_many" else None
+            cpu = cpu_seconds(proxy_pid), cpu_seconds(server_pid)
             result = run_loadgen(url, route, clients, seconds, warmup)
+            total = result["total_requests"] or 1
+            result["proxy_cpu_ms"] = (cpu_seconds(proxy_pid) - cpu[0]) / total * 1000
+            result["server_cpu_ms"] = (cpu_seconds(server_pid) - cpu[1]) / total * 1000
             if before is not None:
                 histograms.append(distribution(before, batch_histogram(proxy_url)))
             results.setdefault(name, []).append(result)
             print(f"run {run + 1}: {name:<12} {result['throughput']:8.1f} req/s  "
                   f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
-                  f"errors {result['errors']}", flush=True)  # fmt: skip
+                  f"errors {result['errors']}  CPU/request: proxy {result['proxy_cpu_ms']:.2f} ms, "
+                  f"server {result['server_cpu_ms']:.2f} ms, "
+                  f"load generator {result['client_cpu_ms']:.2f} ms", flush=True)  # fmt: skip
     if args.profile:
         print("profiling the proxy under load ...", flush=True)
         import threading
