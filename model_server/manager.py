@@ -16,6 +16,8 @@ import ctypes
 import gc
 import logging
 import sys
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +57,12 @@ class ReloadResult:
     changed: bool
 
 
-def release_memory() -> None:
-    """Give freed weights back: collect cycles, trim the C heap, empty the CUDA cache."""
-    gc.collect()
+def release_memory(still_there: Callable[[], object | None]) -> None:
+    """Give the old weights back: collect cycles if something still holds the old module
+    (a full collection holds the GIL for a while, so only then), trim the C heap, empty
+    the CUDA cache."""
+    if still_there() is not None:
+        gc.collect()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -161,6 +166,16 @@ class ModelManager:
             log.info("%s: now serving %s (was %s)", trigger, result.describe(), current.describe())
         else:
             log.info("%s: ready, serving %s", trigger, result.describe())
-        del current  # requests still running on the old model hold it until they finish
-        await asyncio.to_thread(release_memory)
+        if current is not None:
+            old_module = _weak(current.module)
+            # requests still running on the old model hold it until they finish
+            del current
+            await asyncio.to_thread(release_memory, old_module)
         return ReloadResult(from_commit, result.commit_hash, result.name, True)
+
+
+def _weak(value: object) -> Callable[[], object | None]:
+    try:
+        return weakref.ref(value)
+    except TypeError:  # not weakly referenceable: assume it may be in a cycle
+        return lambda: value
