@@ -470,3 +470,13 @@ def test_prefix_and_from_config(gcs_bucket: str, tmp_path: Path) -> None:
     raw = [b.name for b in store._client.list_blobs(gcs_bucket)]
     assert raw == ["team/models/m/k.pt"]
     assert [(o.key, o.size, o.sha256) for o in store.list("m/")] == [("m/k.pt", 3, None)]
+
+
+def test_a_retry_is_announced(store, wire, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each retry leaves one line for the terminal (``nexus_cli.storage.notices``)."""
+    wire.answer_once(lambda sent: "/upload/" in sent.path, 503)
+    with caplog.at_level("WARNING", logger="nexus_cli.storage"):
+        store.put_file(write(tmp_path, "a", b"x" * 100), "m/k.pt")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "nexus_cli.storage"]
+    assert "GCS answered 503" in line
+    assert "retrying" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from nexus_cli import transfer
 from nexus_cli.config import StorageConfig
 from nexus_cli.errors import StorageError, UsageError
 from nexus_cli.files import temp_path_beside
-from nexus_cli.storage import open_store
+from nexus_cli.storage import notices, open_store
 from nexus_cli.storage.base import Leftover
 from nexus_cli.storage.local import LocalStore
 from tests.storage_contract import StorageContract, digest_of, write
@@ -203,3 +204,24 @@ def test_a_full_disk_mid_copy_is_a_storage_error(
     with pytest.raises(StorageError, match="No space left"):
         store.put_file(write(tmp_path, "w", b"x" * 1000), "m/k.pt")
     assert list(store.leftovers(timedelta(0))) == []  # the temp file went too
+
+
+# notices ----------------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+def test_notices_reach_stderr_only_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    """A person at a terminal sees what is retried; a CI log or a --json consumer that
+    expects one error line on stderr sees nothing more."""
+    stream = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    notices.notice("PutObject on s3://b: the endpoint answered 503;\n retrying (2 of 5)")
+    expected = "nexus: PutObject on s3://b: the endpoint answered 503; retrying (2 of 5)\n"
+    assert stream.getvalue() == (expected if terminal else "")

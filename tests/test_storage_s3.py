@@ -473,3 +473,13 @@ def test_parts_reuse_a_bounded_set_of_buffers_and_may_land_in_any_order(
     assert digest == digest_of(data) == store.content_digest("m/big.pt")
     assert finished.index(1) >= 5
     assert sorted(finished) == list(range(1, 10))
+
+
+def test_a_retry_is_announced(store: S3Store, tmp_path: Path, caplog) -> None:
+    """Each retry leaves one line for the terminal: the call, the store, why, which try."""
+    _answer_once(store, "PutObject", 503, "SlowDown")
+    with caplog.at_level("WARNING", logger="nexus_cli.storage"):
+        store.put_file(write(tmp_path, "a", b"x" * 1000), "m/k.pt")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "nexus_cli.storage"]
+    assert line.startswith(f"PutObject on {store.describe()}: the endpoint answered 503 SlowDown")
+    assert line.endswith("retrying (2 of 5)")
