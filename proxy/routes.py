@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
 from nexus_cli.serving import (
     BadRequest,
     InvalidInput,
@@ -28,6 +29,30 @@ from proxy import v2
 from proxy.service import ProxyService, new_request_id
 
 JSON = "application/json"
+
+PREDICT_BODY = {
+    JSON: {
+        "schema": {
+            "type": "object",
+            "required": ["input"],
+            "properties": {"input": {"description": "one sample: numbers nested in lists"}},
+        },
+        "example": {"input": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]},
+    }
+}
+V2_BODY = {
+    JSON: {
+        "schema": {"type": "object", "required": ["inputs"]},
+        "example": {
+            "inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0.0] * 8}]
+        },
+    },
+    "application/octet-stream": {
+        "schema": {"type": "string", "format": "binary"},
+        "description": "binary tensor data extension: JSON header "
+        "(Inference-Header-Content-Length bytes), then raw little-endian tensors",
+    },
+}
 
 
 def json_response(document: Any, status: int = 200, headers: dict[str, str] | None = None):
@@ -79,6 +104,26 @@ def create_router(service: ProxyService) -> APIRouter:
     settings = service.settings
     metrics = service.metrics
 
+    def fast_route(
+        path: str,
+        endpoint: Callable[..., Awaitable[Response]],
+        operation_id: str,
+        tag: str,
+        body: dict[str, Any],
+    ) -> None:
+        """A hot route served by a plain Starlette route (no dependency solving, no query
+        parsing: about a quarter of the proxy's CPU per request), plus a twin that only
+        documents it in OpenAPI (the first route matches, so the twin never serves)."""
+
+        async def serve(request: Request) -> Response:
+            return await endpoint(request, **request.path_params)
+
+        router.add_route(path, serve, methods=["POST"], include_in_schema=False)
+        router.add_api_route(
+            path, endpoint, methods=["POST"], operation_id=operation_id, tags=[tag],
+            openapi_extra={"requestBody": {"required": True, "content": body}},
+        )  # fmt: skip
+
     async def answer(
         route: str, request: Request, handler: Callable[[str], Awaitable[Response]]
     ) -> Response:
@@ -96,7 +141,6 @@ def create_router(service: ProxyService) -> APIRouter:
 
     # -- prediction ----------------------------------------------------------------------
 
-    @router.post("/predict", operation_id="predict", tags=["predict"])
     async def predict(request: Request) -> Response:
         """`{"input": x}` -> `{"output": y, "model": {"name", "commit_hash"}}`, batched."""
 
@@ -120,6 +164,8 @@ def create_router(service: ProxyService) -> APIRouter:
             )
 
         return await answer("predict", request, handle)
+
+    fast_route("/predict", predict, "predict", "predict", PREDICT_BODY)
 
     # -- health and discovery ------------------------------------------------------------
 
@@ -251,15 +297,13 @@ def create_router(service: ProxyService) -> APIRouter:
             f"{prefix}/ready", v2_model_ready, methods=["GET"],
             operation_id=f"v2_model_ready{suffix}", tags=["v2"],
         )  # fmt: skip
-        router.add_api_route(
-            f"{prefix}/infer", v2_infer, methods=["POST"],
-            operation_id=f"v2_infer{suffix}", tags=["v2"],
-        )  # fmt: skip
+        fast_route(f"{prefix}/infer", v2_infer, f"v2_infer{suffix}", "v2", V2_BODY)
 
     service.endpoints = [
         {"path": route.path, "method": method, "operation_id": route.operation_id or route.name}
         for route in router.routes
-        for method in sorted(getattr(route, "methods", ()) or ())
+        if isinstance(route, APIRoute)
+        for method in sorted(route.methods)
     ]
     return router
 
