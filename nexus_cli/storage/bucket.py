@@ -273,7 +273,7 @@ class BucketStore(ObjectStore):
         try:
             sent_parts, size = [], 0
             chunks = pooled_parts(
-                reader, self._part_size_for(reader.size), self.max_concurrency + 2, sha256
+                reader, self._part_size_for(reader.size), self.max_concurrency + 1, sha256
             )
             with closing(unordered_parallel(send, chunks, self.max_concurrency)) as sent:
                 for count, number, part in sent:
