@@ -68,6 +68,14 @@ def test_errors_name_the_sample(inputs: list, message: str) -> None:
         decode_batch(body(inputs), EIGHT, 64)
 
 
+def test_numbers_in_strings_are_refused() -> None:
+    """numpy would happily read "1.5" as a number; the contract says numbers only."""
+    with pytest.raises(InvalidInput, match=r"inputs\[1\]: expected numbers \(FP32\), got strings"):
+        decode_batch(body([[1.0] * 8, ["1.5"] * 8]), EIGHT, 64)
+    with pytest.raises(InvalidInput, match=r"inputs\[0\]: expected numbers"):
+        decode_batch(body([[1.0] * 7 + ["2"]]), EIGHT, 64)
+
+
 def test_a_boolean_among_numbers_is_found_although_numpy_would_take_it() -> None:
     assert np.asarray([1.0, True]).dtype == np.float64  # why the raw bytes are checked
     with pytest.raises(InvalidInput, match=r"inputs\[0\]: .* got a boolean"):
