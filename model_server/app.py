@@ -147,7 +147,7 @@ def create_app(settings: Settings) -> FastAPI:
     def manager_of(request: Request) -> ModelManager:
         return request.app.state.manager
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:  # async: no threadpool hop
         if settings.api_token is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
