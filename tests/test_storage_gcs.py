@@ -21,7 +21,7 @@ from google.cloud import storage
 
 from nexus_cli.config import StorageConfig
 from nexus_cli.errors import IntegrityError, ObjectExistsError, StorageError
-from nexus_cli.storage import open_store
+from nexus_cli.storage import gcs, open_store
 from nexus_cli.storage.gcs import TEMP_ROOT, GCSStore, is_transient
 from nexus_cli.transfer import byte_ranges
 from tests.storage_contract import (
@@ -480,3 +480,18 @@ def test_a_retry_is_announced(store, wire, tmp_path, caplog: pytest.LogCaptureFi
     (line,) = [r.getMessage() for r in caplog.records if r.name == "nexus_cli.storage"]
     assert "GCS answered 503" in line
     assert "retrying" in line
+
+
+def test_an_endpoint_that_never_answers_says_so(
+    silent_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded read timeouts and retries (shortened here: the defaults take ~45 s), and a
+    message that says the endpoint accepted the connection but did not answer."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", silent_endpoint)
+    monkeypatch.setattr(gcs, "TIMEOUT", (1, 1))
+    monkeypatch.setattr(gcs, "RETRY", gcs.RETRY.with_timeout(2.0))
+    store = GCSStore("some-bucket")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="accepted the connection but did not answer"):
+        store.stat("m/k.pt")
+    assert time.monotonic() - started < 20

@@ -145,13 +145,17 @@ def _retry_notice(exc: BaseException) -> None:
     notice(f"a GCS request failed: {reason}; retrying")
 
 
-#: exponential backoff from 0.5 s to 8 s, at most 60 s in all, for transient errors only
+#: seconds to connect, and to wait for a byte of an answer (the SDK's default is 60)
+CONNECT_TIMEOUT, READ_TIMEOUT = 5, 15
+TIMEOUT = (CONNECT_TIMEOUT, READ_TIMEOUT)
+#: exponential backoff from 0.5 s to 8 s, for transient errors only, tried again until
+#: 40 s have passed: an endpoint that never answers fails a command within a minute
 RETRY = Retry(
     predicate=is_transient,
     initial=0.5,
     maximum=8.0,
     multiplier=2.0,
-    timeout=60.0,
+    timeout=40.0,
     on_error=_retry_notice,
 )
 
@@ -238,6 +242,12 @@ class GCSStore(BucketStore):
                 f"Google rejected the credentials used to {action} {where}: {one_line(exc)}",
                 hint="check GOOGLE_APPLICATION_CREDENTIALS or renew the gcloud login",
             )
+        if isinstance(exc, requests.ReadTimeout):
+            return StorageError(
+                f"{self._endpoint()} accepted the connection but did not answer within "
+                f"{READ_TIMEOUT} s to {action} {where}",
+                hint="check that the endpoint is a GCS server and that it is healthy",
+            )
         if isinstance(exc, requests.RequestException | auth_errors.TransportError):
             return StorageError(
                 f"cannot reach {self._endpoint()} to {action} {where}",
@@ -266,7 +276,7 @@ class GCSStore(BucketStore):
 
     def _bucket_exists(self) -> bool:
         try:
-            return self._bucket.exists(retry=RETRY)
+            return self._bucket.exists(retry=RETRY, timeout=TIMEOUT)
         except api_errors.Forbidden:  # may read objects but not the bucket: that's fine
             return True
 
@@ -281,7 +291,7 @@ class GCSStore(BucketStore):
         )
 
     def _get_blob(self, key: str) -> storage.Blob | None:
-        return self._bucket.get_blob(self._name(key), retry=RETRY)
+        return self._bucket.get_blob(self._name(key), retry=RETRY, timeout=TIMEOUT)
 
     def _tagged_blob(self, name: str, token: str) -> storage.Blob:
         blob = self._bucket.blob(name)
@@ -294,7 +304,7 @@ class GCSStore(BucketStore):
         """One request, create-only with generation 0 where asked."""
         try:
             self._tagged_blob(name, token).upload_from_string(
-                body, if_generation_match=0 if if_absent else None, retry=RETRY
+                body, if_generation_match=0 if if_absent else None, retry=RETRY, timeout=TIMEOUT
             )
         except api_errors.PreconditionFailed as exc:
             raise KeyTaken from exc
@@ -307,7 +317,7 @@ class GCSStore(BucketStore):
         part_name = f"{upload.temp_prefix}{number:05d}"
         # no precondition: the name is random, so nobody else writes it, and a retry
         # after a lost reply must overwrite the part rather than fail with a 412
-        self._bucket.blob(part_name).upload_from_string(bytes(chunk), retry=RETRY)
+        self._bucket.blob(part_name).upload_from_string(bytes(chunk), retry=RETRY, timeout=TIMEOUT)
         return part_name
 
     def _finish_parts(self, upload: _Composite, parts: list[Any], if_absent: bool) -> None:
@@ -352,6 +362,7 @@ class GCSStore(BucketStore):
             [self._bucket.blob(source) for source in sources],
             if_generation_match=if_generation_match,
             retry=RETRY,
+            timeout=TIMEOUT,
         )
         return destination.name
 
@@ -363,10 +374,12 @@ class GCSStore(BucketStore):
 
         def remove(blob: storage.Blob) -> None:
             with contextlib.suppress(api_errors.NotFound):
-                blob.delete(retry=RETRY)
+                blob.delete(retry=RETRY, timeout=TIMEOUT)
 
         with contextlib.suppress(*_TRANSLATED):
-            blobs = self._client.list_blobs(self._bucket, prefix=upload.temp_prefix, retry=RETRY)
+            blobs = self._client.list_blobs(
+                self._bucket, prefix=upload.temp_prefix, retry=RETRY, timeout=TIMEOUT
+            )
             with closing(ordered_parallel(remove, blobs, self.max_concurrency)) as removed:
                 for _ in removed:
                     pass
@@ -377,19 +390,23 @@ class GCSStore(BucketStore):
         # response, so a Blob shared between threads would race
         pinned = self._bucket.blob(name, generation=version)
         try:
-            return pinned.download_as_bytes(start=start, end=end - 1, checksum=None, retry=RETRY)
+            return pinned.download_as_bytes(
+                start=start, end=end - 1, checksum=None, retry=RETRY, timeout=TIMEOUT
+            )
         except api_errors.NotFound as exc:
             raise self._changed_error(self._key(name)) from exc
 
     def _delete_name(self, name: str) -> bool:
         try:
-            self._bucket.blob(name).delete(retry=RETRY)
+            self._bucket.blob(name).delete(retry=RETRY, timeout=TIMEOUT)
         except api_errors.NotFound:
             return False
         return True
 
     def _list_names(self, prefix: str) -> Iterator[tuple[str, int]]:
-        for blob in self._client.list_blobs(self._bucket, prefix=prefix, retry=RETRY):
+        for blob in self._client.list_blobs(
+            self._bucket, prefix=prefix, retry=RETRY, timeout=TIMEOUT
+        ):
             yield blob.name, blob.size or 0
 
     # what interrupted uploads leave -----------------------------------------------------
@@ -400,7 +417,7 @@ class GCSStore(BucketStore):
         cutoff = datetime.now(UTC) - older_than
         with self._translated("list uploads in"):
             for blob in self._client.list_blobs(
-                self._bucket, prefix=f"{self._root}{TEMP_ROOT}/", retry=RETRY
+                self._bucket, prefix=f"{self._root}{TEMP_ROOT}/", retry=RETRY, timeout=TIMEOUT
             ):
                 created = (blob.time_created or datetime.now(UTC)).astimezone(UTC)
                 if created < cutoff:
@@ -410,4 +427,4 @@ class GCSStore(BucketStore):
         if leftover.kind != "temporary_part" or not leftover.name.startswith(f"{TEMP_ROOT}/"):
             raise ValueError(f"{leftover.name} is not a temporary part")
         with self._translated("remove", leftover.name), contextlib.suppress(api_errors.NotFound):
-            self._bucket.blob(self._name(leftover.name)).delete(retry=RETRY)
+            self._bucket.blob(self._name(leftover.name)).delete(retry=RETRY, timeout=TIMEOUT)
