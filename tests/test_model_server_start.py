@@ -20,6 +20,7 @@ from tests.servers import (
     SIGNATURE_8_IN,
     ServerPool,
     clean_environ,
+    free_port,
     make_model_repo,
     publish,
     publish_demo,
@@ -158,6 +159,18 @@ def test_missing_object(model_server_process, tmp_path: Path) -> None:
     (repo / ".nexus" / "store" / version.record.storage_uri).unlink()
     document = start_failing(model_server_process, repo)
     assert "missing" in document["checks"]["model"]
+
+
+def test_unreachable_store(model_server_process, tmp_path: Path, aws_env: dict) -> None:
+    repo = make_model_repo(tmp_path / "project")
+    publish_demo(repo, seed=1)  # recorded in the metadata; the server looks in S3 for it
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    document = start_failing(
+        model_server_process, repo, **aws_env, NEXUS_PROVIDER="s3", NEXUS_BUCKET="gone",
+        NEXUS_ENDPOINT_URL=closed,
+    )  # fmt: skip
+    assert document["checks"]["weights"].startswith("failed")
+    assert "127.0.0.1" in document["checks"]["model"]
 
 
 def test_pickled_module_is_never_loaded(model_server_process, tmp_path: Path) -> None:
