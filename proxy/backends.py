@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +36,10 @@ log = logging.getLogger("nexus.proxy.backends")
 # what a server that publishes no limits is assumed to take
 DEFAULT_LIMITS = {"max_batch_size": 1024, "max_concurrency": 2, "max_body_bytes": 64 << 20}
 _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
+_RETRYABLE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# below uvicorn's default keep-alive (5 s), so the pool rarely reuses a connection the
+# server is closing
+_KEEPALIVE_S = 4.0
 
 
 class ModelServer:
@@ -89,32 +94,41 @@ class ModelServer:
     ) -> Reply:
         body = b'{"inputs":[' + b",".join(parts) + b"]}"
         headers = {**self._headers, "X-Request-ID": ",".join(request_ids)[:4096]}
-        try:
-            async with self._session.post(
-                self._predict_url,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as response:
-                raw = await response.read()
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-        except aiohttp.ClientConnectorError as exc:
-            self.set_ready(False, f"connection failed: {exc.os_error or exc}")
-            raise BatchFailed(
-                Unavailable(f"model server {self.url} is not reachable", retry_after=1),
-                requeue=True,
-            ) from exc
-        except TimeoutError as exc:
-            raise BatchFailed(
-                GatewayTimeout(f"model server {self.url} did not answer in {timeout:.3g} s")
-            ) from exc
-        except aiohttp.ClientError as exc:
-            # the connection broke mid-request: the server died or restarted
-            self.set_ready(False, f"connection lost: {type(exc).__name__}")
-            raise BatchFailed(
-                UpstreamError(f"model server {self.url} failed mid-request ({type(exc).__name__})")
-            ) from exc
+        deadline = time.monotonic() + timeout
+        for attempt in (1, 2):
+            try:
+                async with self._session.post(
+                    self._predict_url,
+                    data=body,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=max(0.001, deadline - time.monotonic())),
+                ) as response:
+                    raw = await response.read()
+                    status = response.status
+                    retry_after = response.headers.get("Retry-After")
+                break
+            except aiohttp.ClientConnectorError as exc:
+                self.set_ready(False, f"connection failed: {exc.os_error or exc}")
+                raise BatchFailed(
+                    Unavailable(f"model server {self.url} is not reachable", retry_after=1),
+                    requeue=True,
+                ) from exc
+            except TimeoutError as exc:
+                raise BatchFailed(
+                    GatewayTimeout(f"model server {self.url} did not answer in {timeout:.3g} s")
+                ) from exc
+            except aiohttp.ClientError as exc:
+                # A kept-alive connection the server closed as it was reused fails like
+                # this too: predictions are pure, so one retry on a fresh connection is
+                # safe. Twice means the server died or restarted mid-request.
+                if attempt == 1 and isinstance(exc, _RETRYABLE):
+                    continue
+                self.set_ready(False, f"connection lost: {type(exc).__name__}")
+                raise BatchFailed(
+                    UpstreamError(
+                        f"model server {self.url} failed mid-request ({type(exc).__name__})"
+                    )
+                ) from exc
         if status != 200:
             raise self._failure(status, raw, retry_after)
         try:
@@ -189,8 +203,8 @@ class ModelServer:
         if not ready:
             self.set_ready(False, _reason(body))
             return
-        if self.metadata is None:
-            await self.refresh()
+        if self.metadata is None or not self._ready:
+            await self.refresh()  # back from down: a restart may bring new limits or a model
         if self.metadata is not None:
             self.set_ready(True)
 
@@ -246,7 +260,7 @@ class ModelServers:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=64, keepalive_timeout=60, ttl_dns_cache=60
+            limit=0, limit_per_host=64, keepalive_timeout=_KEEPALIVE_S, ttl_dns_cache=60
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
