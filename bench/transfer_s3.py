@@ -90,10 +90,13 @@ def _s3rver_bin() -> Path | None:
     if not (shutil.which("node") and shutil.which("npm")):
         return None
     S3RVER_HOME.mkdir(parents=True, exist_ok=True)
-    installed = subprocess.run(
-        ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(S3RVER_HOME), S3RVER],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    try:
+        installed = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(S3RVER_HOME), S3RVER],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:  # no registry in reach
+        return None
     return entry if installed.returncode == 0 and entry.exists() else None
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
+from queue import Empty, Queue
 from typing import Any, BinaryIO, TypeVar
 
 from nexus_cli.errors import IntegrityError, UsageError
@@ -355,10 +355,15 @@ def pooled_parts(
     and take at most ``buffers - 1`` ahead of the releases, or reading waits forever.
     """
     free: Queue[bytearray] = Queue()
-    for _ in range(buffers):
-        free.put(bytearray(part_size))
+    made = 0
     for number in itertools.count(1):
-        buffer = free.get()
+        try:
+            buffer = free.get_nowait()
+        except Empty:  # made only when needed: a file of three parts holds three buffers
+            if made < buffers:
+                buffer, made = bytearray(part_size), made + 1
+            else:
+                buffer = free.get()
         view = memoryview(buffer)
         count = 0
         while count < part_size and (got := reader.readinto(view[count:])):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import signal
@@ -225,3 +226,31 @@ def test_notices_reach_stderr_only_on_a_terminal(
     notices.notice("PutObject on s3://b: the endpoint answered 503;\n retrying (2 of 5)")
     expected = "nexus: PutObject on s3://b: the endpoint answered 503; retrying (2 of 5)\n"
     assert stream.getvalue() == (expected if terminal else "")
+
+
+@pytest.mark.parametrize(("parts", "expected_buffers"), [(3, 2), (12, 4)])
+def test_upload_parts_come_from_a_bounded_set_of_buffers(
+    tmp_path: Path, parts: int, expected_buffers: int
+) -> None:
+    """At most ``buffers`` are made, only as needed (the short last part is a copy);
+    each part is hashed as it is read."""
+    part_size = 64 * 1024
+    data = os.urandom(parts * part_size - 10)
+    sha256 = hashlib.sha256()
+    seen: list[bytes] = []
+    held: list[transfer.Part] = []
+    buffers: set[int] = set()
+    with open(write(tmp_path, "w", data), "rb") as reader:
+        for part in transfer.pooled_parts(reader, part_size, 4, sha256):
+            seen.append(bytes(part.data))
+            if isinstance(part.data, bytearray):
+                buffers.add(id(part.data))
+            held.append(part)
+            if len(held) == 4:  # every buffer taken: the next part waits for these
+                for done in held:
+                    done.release()
+                held.clear()
+    assert b"".join(seen) == data
+    assert [len(chunk) for chunk in seen] == [part_size] * (parts - 1) + [part_size - 10]
+    assert sha256.hexdigest() == digest_of(data).sha256
+    assert len(buffers) == expected_buffers
