@@ -122,14 +122,14 @@ def run_loadgen(url: str, route: str, clients: int, seconds: float, warmup: floa
 # -- model, servers --------------------------------------------------------------------
 
 
-def forward_times(size: str, repeats: int) -> tuple[float, float, object]:
+def forward_times(size: str, repeats: int, model=None) -> tuple[float, float, object]:
     """Median in-process forward time of a batch of 1 and of 32; the model."""
     import torch
     from model_server.demo import build_mlp, build_small_mlp
 
-    torch.manual_seed(0)
-    model = (build_mlp() if size == "big" else build_small_mlp()).eval()
-
+    if model is None:
+        torch.manual_seed(0)
+        model = (build_mlp() if size == "big" else build_small_mlp()).eval()
     inputs = {n: torch.randn(n, FEATURES) for n in (1, 32)}
     times: dict[int, list[float]] = {1: [], 32: []}
     with torch.inference_mode():
@@ -276,12 +276,11 @@ def main() -> None:
 
     t1, t32, model = forward_times(args.size, repeats=20 if args.size == "big" else 50)
     print(f"model: demo MLP ({args.size}), in-process t1 = {t1 * 1000:.2f} ms, "
-          f"t32 = {t32 * 1000:.2f} ms, 32·t1/t32 = {32 * t1 / t32:.2f}", flush=True)  # fmt: skip
+          f"t32 = {t32 * 1000:.2f} ms (before the load)", flush=True)  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="nexus-bench-serving-") as tmp:
         work = Path(tmp)
         repo = publish(model, work)
-        del model
         server_port, proxy_port = free_port(), free_port()
         server_url = f"http://127.0.0.1:{server_port}"
         proxy_url = f"http://127.0.0.1:{proxy_port}"
@@ -306,7 +305,7 @@ def main() -> None:
         try:
             wait_ready(server_url, server, work / "server.log")
             wait_ready(proxy_url, proxy, work / "proxy.log")
-            rows = measure(args, t1, t32, server_url, proxy_url, proxy.pid, server.pid)
+            results, histogram = measure(args, server_url, proxy_url, proxy.pid, server.pid)
         finally:
             for process in (proxy, server):
                 process.terminate()
@@ -315,6 +314,12 @@ def main() -> None:
                     process.wait(30)
                 except subprocess.TimeoutExpired:
                     process.kill()
+    # again on a quiet machine: a neighbour's load inflates a forward pass, never shrinks it
+    again = forward_times(args.size, repeats=20 if args.size == "big" else 50, model=model)
+    t1, t32 = min(t1, again[0]), min(t32, again[1])
+    print(f"in-process t1 = {t1 * 1000:.2f} ms, t32 = {t32 * 1000:.2f} ms "
+          f"(the lower of before and after), 32·t1/t32 = {32 * t1 / t32:.2f}")  # fmt: skip
+    rows = table(args.clients, t1, t32, results, histogram)
     print()
     print(f"{'figure':<64} {'value':>9}  goal")
     for row in rows:
@@ -331,9 +336,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(
-    args, t1: float, t32: float, server_url: str, proxy_url: str, proxy_pid: int, server_pid: int
-):
+def measure(args, server_url: str, proxy_url: str, proxy_pid: int, server_pid: int):
+    """Each phase ``--runs`` times; the results by phase and the last batch-size spread."""
     c, seconds, warmup = args.clients, args.seconds, min(2.0, args.seconds / 3)
     results: dict[str, list[dict]] = {}
     histograms = []
@@ -371,6 +375,10 @@ def measure(
         print(profile_proxy(proxy_pid, seconds, args.profile), flush=True)
         thread.join()
 
+    return results, histograms[-1]
+
+
+def table(c: int, t1: float, t32: float, results: dict[str, list[dict]], histogram: str):
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
@@ -389,7 +397,10 @@ def measure(
             "throughput via proxy ÷ model ceiling 32/t32",
             via_proxy / ceiling,
             ">= 0.7",
-            f"ceiling {ceiling:.1f} samples/s (t32 = {t32 * 1000:.1f} ms)",
+            f"ceiling {ceiling:.1f} samples/s (t32 = {t32 * 1000:.1f} ms); CPU per sample via "
+            f"proxy: model server {med('proxy_many', 'server_cpu_ms'):.2f} ms, proxy "
+            f"{med('proxy_many', 'proxy_cpu_ms'):.2f} ms, load generator "
+            f"{med('proxy_many', 'client_cpu_ms'):.2f} ms",
         ),
         Row(
             "p50 lone client: via proxy − straight to server (ms)",
@@ -402,7 +413,7 @@ def measure(
             f"p99 latency via proxy, {c} clients (ms)",
             med("proxy_many", "p99_ms"),
             "reported",
-            f"p50 {med('proxy_many', 'p50_ms'):.1f} ms; batch sizes: {histograms[-1]}",
+            f"p50 {med('proxy_many', 'p50_ms'):.1f} ms; batch sizes: {histogram}",
         ),
     ]
 
