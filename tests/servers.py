@@ -272,7 +272,8 @@ def publish(
         handle.write(f"# {weights.name} {time.time_ns()}\n")
     _git(path, "add", "code.py")
     _git(path, "commit", "-q", "-m", f"train {weights.name}")
-    project = Project(path / ".nexus_meta.json", environ=environ)
+    # hermetic: only the overrides given, never a developer's NEXUS_* variables
+    project = Project(path / ".nexus_meta.json", environ=dict(environ or {}))
     record = project.store(weights, model, signature=signature).record
     _git(path, "add", ".nexus_meta.json")
     _git(path, "commit", "-q", "-m", f"nexus: store {model}")
