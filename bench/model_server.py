@@ -16,8 +16,9 @@ Figures, medians of ``--runs``, the two sides alternating which goes first:
     RSS after a reload to a new version ÷ RSS before it: no second copy left behind
 
 Then where a request's time goes, from the ``Server-Timing`` header of each answer:
-decode (JSON to arrays), queue (waiting for the device), forward (on the device worker),
-encode (arrays to JSON), and the rest (HTTP, uvicorn, FastAPI, thread hops).
+read (receiving the body), decode (JSON to arrays), queue (waiting for the device),
+forward (on the device worker), encode (arrays to JSON), and the rest (HTTP parsing,
+uvicorn, FastAPI, thread hops, the client).
 
     python bench/model_server.py                 # big model, 5 runs
     python bench/model_server.py --quick         # small model, 2 runs: a smoke check
@@ -340,11 +341,12 @@ def main() -> None:
         f"{rss['peak_after_reload']:.0f} MB"
     )
     print("\nWhere a request's time goes, ms (medians; the stages from Server-Timing):\n")
-    print("| batch | round trip | decode | queue | forward | encode | HTTP + framework |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    stages = ("read", "decode", "queue", "forward", "encode")
+    print(f"| batch | round trip | {' | '.join(stages)} | HTTP + framework |")
+    print("| ---: | ---: |" + " ---: |" * (len(stages) + 1))
     for size in (32, 1):
         total = median[f"post{size}"]
-        parts = [median[f"{stage}{size}"] for stage in ("decode", "queue", "forward", "encode")]
+        parts = [median[f"{stage}{size}"] for stage in stages]
         cells = " | ".join(f"{p * 1000:.2f}" for p in (*parts, total - sum(parts)))
         print(f"| {size} | {total * 1000:.2f} | {cells} |")
     shutil.rmtree(work, ignore_errors=True)
