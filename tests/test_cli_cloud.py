@@ -402,6 +402,7 @@ def run_with_terminal_stderr(*args: str, cwd: Path, env: dict, timeout: float) -
     return Result(process.returncode, out, seen.decode(errors="replace").replace("\r\n", "\n"))
 
 
+@pytest.mark.slow  # ~30 s: two 15 s read timeouts, the real defaults
 def test_s3_endpoint_that_never_answers_fails_within_a_minute(
     repo: Repo, s3_env: dict, silent_endpoint: str
 ) -> None:
