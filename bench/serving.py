@@ -4,8 +4,9 @@ One run on this machine: a model server (``python -m model_server``), the proxy
 (``python -m proxy``) and a load generator in a process of its own (aiohttp, bodies
 encoded once up front, so the client is not the bottleneck), all on 127.0.0.1. The
 model is ``model_server.demo``'s MLP: ``--size big`` is 1024 -> 4 x 4096 -> 16, about
-285 MB of fp32 weights, where inference dominates; ``--size small`` (width 512) is for
-smoke runs. Measured in the same run, before the servers start:
+285 MB of fp32 weights (a state_dict served through ``NEXUS_MODEL_FACTORY=
+model_server.demo:build_mlp``), where inference dominates; ``--size small`` (width 512)
+is for smoke runs. Measured in the same run, before and after the servers run:
 
     t1, t32   in-process forward time of a batch of 1 and of 32 (median)
 
@@ -41,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FEATURES = 1024
+FACTORIES = {"big": "model_server.demo:build_mlp", "small": "model_server.demo:build_small_mlp"}
 # run as a script, bench/ is first on sys.path, and bench/model_server.py would shadow the
 # model_server package: import from the repository root instead
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
@@ -145,7 +147,7 @@ def forward_times(size: str, repeats: int, model=None) -> tuple[float, float, ob
 
 
 def publish(model, workdir: Path) -> Path:
-    """A git repo with the model stored (TorchScript, local store) and committed."""
+    """A git repo with the model's state_dict stored (local store) and committed."""
     from model_server.demo import save
     from nexus_cli.api import Project
 
@@ -163,7 +165,9 @@ def publish(model, workdir: Path) -> Path:
     (repo / "train.py").write_text("# benchmark model\n")
     git("add", "-A")
     git("commit", "-q", "-m", "bench")
-    weights = save(model, repo / "out" / "mlp.pt", "torchscript")
+    # a state_dict served through the same factory: the server runs the very module that
+    # the in-process t1/t32 are measured on (a traced TorchScript copy runs differently)
+    weights = save(model, repo / "out" / "mlp.pt", "state_dict")
     signature = {
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, FEATURES]}],
         "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 16]}],
@@ -286,7 +290,13 @@ def main() -> None:
         proxy_url = f"http://127.0.0.1:{proxy_port}"
         server = start(
             [sys.executable, "-m", "model_server"],
-            clean_env({"NEXUS_PORT": str(server_port), "NEXUS_CACHE_DIR": str(work / "cache")}),
+            clean_env(
+                {
+                    "NEXUS_PORT": str(server_port),
+                    "NEXUS_CACHE_DIR": str(work / "cache"),
+                    "NEXUS_MODEL_FACTORY": FACTORIES[args.size],
+                }
+            ),
             repo,
             work / "server.log",
         )
