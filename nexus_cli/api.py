@@ -37,6 +37,7 @@ from nexus_cli.files import (
     atomic_write_text,
     describe_file_type,
     make_ignored_dir,
+    read_regular_file,
     replaceable_target,
 )
 from nexus_cli.gitrepo import GitRepo, find_worktree_root, holds_tracked_files, worktree_root
@@ -60,6 +61,7 @@ Progress = Callable[[int], None]
 META_FILENAME = ".nexus_meta.json"
 CONFIG_FILENAME = ".nexusrc"
 GITATTRIBUTES_FILENAME = ".gitattributes"
+MAX_GITATTRIBUTES_BYTES = 1024 * 1024
 MERGE_DRIVER_NAME = "nexus-meta"
 #: the one command that enables the merge driver `nexus init` declares in .gitattributes
 MERGE_DRIVER_SETUP = f'git config merge.{MERGE_DRIVER_NAME}.driver "nexus merge-driver %O %A %B"'
@@ -591,11 +593,17 @@ def declare_merge_driver(meta_path: Path) -> Path | None:
     path = meta_path.parent / GITATTRIBUTES_FILENAME
     line = f"{meta_path.name} merge={MERGE_DRIVER_NAME}"
     try:
-        current = path.read_text(encoding="utf-8")
+        data = read_regular_file(path, MAX_GITATTRIBUTES_BYTES)
     except FileNotFoundError:
-        current = ""
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from exc
+        data = b""
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(data) > MAX_GITATTRIBUTES_BYTES:
+        raise UsageError(f"{path} is larger than 1 MiB; add this line by hand: {line}")
+    try:
+        current = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"cannot read {path}: not UTF-8 text") from exc
     for existing in current.splitlines():
         words = existing.split()
         if words[:1] == [meta_path.name] and f"merge={MERGE_DRIVER_NAME}" in words[1:]:

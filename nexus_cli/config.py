@@ -12,9 +12,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from nexus_cli.errors import ConfigError
+from nexus_cli.files import read_regular_file
 
 PROVIDERS = ("local", "s3", "minio", "gcs")
 DEFAULT_LOCAL_PATH = ".nexus/store"
+#: a `.nexusrc` is a few lines; a larger one is not one
+MAX_CONFIG_BYTES = 64 * 1024
 
 # Keys that look like they hold a secret. Credentials come from each provider's own chain.
 SECRET_KEY_RE = re.compile(
@@ -165,15 +168,21 @@ def load_config(
     A missing file means all defaults, unless ``must_exist`` (a path the user named).
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_regular_file(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         if must_exist:
             raise ConfigError(f"config file {path} does not exist") from None
-        text = ""
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text") from exc
+        data = b""
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; that is not a .nexusrc"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
     return resolve_config(parse_config(text, str(path)), environ)
 
 

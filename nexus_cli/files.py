@@ -7,6 +7,7 @@ Portable: nothing here needs a POSIX-only call (the lock is ``filelock``'s, whic
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -53,6 +54,28 @@ def describe_file_type(mode: int) -> str:
         (stat.S_ISSOCK, "a socket"),
     )
     return next((words for test, words in kinds if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The first ``limit + 1`` bytes of the regular file at ``path`` (a link is followed).
+
+    For files that arrive by pull request (`.nexusrc`, `.nexus_meta.json`): git stores
+    symbolic links, so one may point at a FIFO (a reader blocks forever) or at
+    ``/dev/zero`` (a reader never ends). The file is opened without blocking and checked
+    by its open handle; anything but a regular file is an ``OSError`` whose ``strerror``
+    says what it is. A result longer than ``limit`` means the file is larger.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            reason = f"it is {describe_file_type(mode)}, not a regular file"
+            raise OSError(errno.EINVAL, reason, str(path))
+        with open(fd, "rb", closefd=False) as handle:
+            return handle.read(limit + 1)
+    finally:
+        os.close(fd)
 
 
 def replaceable_target(path: Path) -> Path:

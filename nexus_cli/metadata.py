@@ -19,7 +19,7 @@ from nexus_cli.errors import (
     NotFoundError,
     UsageError,
 )
-from nexus_cli.files import atomic_write_text, exclusive_lock
+from nexus_cli.files import atomic_write_text, exclusive_lock, read_regular_file
 from nexus_cli.names import (
     COMMIT_RE,
     EXTENSION_RE,
@@ -208,12 +208,9 @@ class Metadata:
         that says two things at once).
         """
         try:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_METADATA_BYTES + 1)
+            data = read_regular_file(path, MAX_METADATA_BYTES)
         except FileNotFoundError:
             return cls()
-        except IsADirectoryError:
-            raise MetadataError(f"{path} is a folder, not a metadata file") from None
         except OSError as exc:
             raise MetadataError(f"cannot read {path}: {exc.strerror}") from exc
         if len(data) > MAX_METADATA_BYTES:

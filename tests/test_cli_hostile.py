@@ -418,3 +418,47 @@ def test_a_failure_while_rendering_is_still_one_line(cli, repo: Repo, monkeypatc
     assert result.exit_code == 1
     assert "terminal gone" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# files that are not files: a FIFO blocks a reader forever, /dev/zero never ends --------
+
+
+@posix_only
+@pytest.mark.parametrize("option", ["--meta", "--config"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder"])
+def test_meta_and_config_that_are_not_files_are_refused(
+    repo: Repo, tmp_path: Path, option: str, kind: str
+) -> None:
+    odd = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(odd)
+    elif kind == "dev-zero":
+        odd.symlink_to("/dev/zero")
+    else:
+        odd.mkdir()
+    result = run_nexus("list", option, odd, "--json", cwd=repo.path, timeout=15)
+    assert result.exit_code == 2, result.stderr
+    message = result.json["error"]["message"]
+    assert str(odd) in message
+    assert "not a regular file" in message
+
+
+@posix_only
+def test_a_committed_link_to_a_device_is_refused_without_reading_it(repo: Repo) -> None:
+    """`.nexusrc` and `.nexus_meta.json` arrive by pull request; git stores symlinks."""
+    (repo.path / ".nexusrc").symlink_to("/dev/zero")
+    result = run_nexus("list", "--json", cwd=repo.path, timeout=15)
+    assert result.exit_code == 2
+    assert "a character device, not a regular file" in result.json["error"]["message"]
+    (repo.path / ".nexusrc").unlink()
+    (repo.path / ".nexus_meta.json").symlink_to("/dev/zero")
+    result = run_nexus("list", "--json", cwd=repo.path, timeout=15)
+    assert result.exit_code == 2
+    assert "a character device, not a regular file" in result.json["error"]["message"]
+
+
+def test_an_oversized_nexusrc_is_refused(cli, repo: Repo) -> None:
+    (repo.path / ".nexusrc").write_text('[storage]\nprovider = "local"\n' + "#" * (2 << 20))
+    result = cli("list", "--json")
+    assert result.exit_code == 2
+    assert "larger than" in result.json["error"]["message"]
