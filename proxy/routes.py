@@ -19,6 +19,7 @@ from nexus_cli.serving import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    QueueFull,
     ServingError,
     Unavailable,
     check_sample,
@@ -66,7 +67,30 @@ def error_response(error: ServingError, request_id: str | None = None) -> Respon
     return json_response(error.body(), error.status, headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+class BodyBudget:
+    """Bytes of request bodies being read at once, across requests, bounded.
+
+    Each body is bounded by ``NEXUS_MAX_BODY_BYTES``, and the queue by
+    ``NEXUS_MAX_QUEUE_BYTES``; this bounds the bodies still arriving, so memory stays
+    bounded however many clients send at once: past it, 429 with ``Retry-After``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        if self.used + size > self.limit:
+            raise QueueFull(
+                f"too many request bytes arriving at once (over {self.limit})", retry_after=1
+            )
+        self.used += size
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
+
+
+async def read_body(request: Request, limit: int, budget: BodyBudget | None = None) -> bytes:
     """The whole body, refused with 413 as soon as it passes ``limit`` (chunked too)."""
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -76,12 +100,18 @@ async def read_body(request: Request, limit: int) -> bytes:
         except ValueError:
             raise BadRequest("Content-Length is not a number") from None
     chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    size = 0  # read so far, and taken from the budget
+    try:
+        async for chunk in request.stream():
+            if budget is not None:
+                budget.take(len(chunk))
+            size += len(chunk)
+            chunks.append(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    finally:
+        if budget is not None:
+            budget.give_back(size)
     return b"".join(chunks)
 
 
@@ -103,6 +133,7 @@ def create_router(service: ProxyService) -> APIRouter:
     router = APIRouter()
     settings = service.settings
     metrics = service.metrics
+    budget = BodyBudget(settings.max_queue_bytes)
 
     def fast_route(
         path: str,
@@ -145,7 +176,7 @@ def create_router(service: ProxyService) -> APIRouter:
         """`{"input": x}` -> `{"output": y, "model": {"name", "commit_hash"}}`, batched."""
 
         async def handle(request_id: str) -> Response:
-            body = await read_body(request, settings.max_body_bytes)
+            body = await read_body(request, settings.max_body_bytes, budget)
             spec, _ = service.specs()
             try:
                 document = orjson.loads(body)
@@ -265,7 +296,7 @@ def create_router(service: ProxyService) -> APIRouter:
 
     async def v2_infer(request: Request, name: str, version: str | None = None) -> Response:
         async def handle(request_id: str) -> Response:
-            body = await read_body(request, settings.max_body_bytes)
+            body = await read_body(request, settings.max_body_bytes, budget)
             _, served_version = served(name, version)
             spec, output = service.specs()
             decoded = v2.parse_infer(body, request.headers.get(v2.HEADER_LENGTH), spec, output)
