@@ -8,6 +8,7 @@ the framework raises before a route runs (404, 405). Bodies are read with a limi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import v2
 from proxy.service import ProxyService, new_request_id
+
+log = logging.getLogger("nexus.proxy")
 
 JSON = "application/json"
 
@@ -166,6 +169,10 @@ def create_router(service: ProxyService) -> APIRouter:
         except ServingError as error:
             metrics.answered(route, error.status, error.code)
             return error_response(error, request_id)
+        except Exception:  # a bug: logged with its traceback, the caller gets our shape
+            log.exception("unexpected error on %s (request %s)", route, request_id)
+            metrics.answered(route, 500, "internal_error")
+            return error_response(ServingError("internal error in the proxy"), request_id)
         response.headers["X-Request-ID"] = request_id
         metrics.answered(route, response.status_code)
         return response

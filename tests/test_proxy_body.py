@@ -71,3 +71,31 @@ def test_bodies_arriving_at_once_share_a_bounded_budget() -> None:
         assert await read_body(request([b"abcd"]), 100, budget) == b"abcd"
 
     asyncio.run(main())
+
+
+def test_an_unexpected_error_is_500_in_our_shape_without_a_traceback() -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from proxy.routes import create_router
+    from proxy.service import ProxyService
+    from proxy.settings import Settings
+
+    service = ProxyService(Settings())
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug with a secret path /srv/x")
+
+    service.infer = broken  # type: ignore[method-assign]
+    app = FastAPI()
+    app.include_router(create_router(service))
+    response = TestClient(app).post("/predict", json={"input": [1.0, 2.0]})
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {
+            "message": "internal error in the proxy",
+            "type": "server_error",
+            "code": "internal_error",
+        }
+    }
+    assert "x-request-id" in response.headers
