@@ -74,8 +74,8 @@ def test_bodies_arriving_at_once_share_a_bounded_budget() -> None:
 
 
 def test_an_unexpected_error_is_500_in_our_shape_without_a_traceback() -> None:
+    import httpx
     from fastapi import FastAPI
-    from fastapi.testclient import TestClient
 
     from proxy.routes import create_router
     from proxy.service import ProxyService
@@ -89,7 +89,13 @@ def test_an_unexpected_error_is_500_in_our_shape_without_a_traceback() -> None:
     service.infer = broken  # type: ignore[method-assign]
     app = FastAPI()
     app.include_router(create_router(service))
-    response = TestClient(app).post("/predict", json={"input": [1.0, 2.0]})
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+            return await client.post("/predict", json={"input": [1.0, 2.0]})
+
+    response = asyncio.run(call())
     assert response.status_code == 500
     assert response.json() == {
         "error": {
