@@ -25,6 +25,7 @@ from nexus_cli.serving import (
     BadRequest,
     InvalidInput,
     TensorSpec,
+    UpstreamError,
     check_sample,
     format_shape,
 )
@@ -190,7 +191,8 @@ def encode_infer_response(
     try:
         array = np.asarray(outputs, dtype=output.dtype)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(f"the model's outputs are not {output.datatype}: {exc}") from None
+        # the model server's answer, not the caller's request, is at fault
+        raise UpstreamError(f"the model's outputs are not {output.datatype}: {exc}") from None
     tensor: dict[str, Any] = {
         "name": request.output_name,
         "datatype": output.datatype,
