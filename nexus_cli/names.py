@@ -63,6 +63,21 @@ def storage_key(model_name: str, commit_hash: str, extension: str) -> str:
     return f"{model_name}/{commit_hash}{extension}"
 
 
+def is_version_key(key: str) -> bool:
+    """Whether ``key`` has the shape of a key ``storage_key`` makes (``model/<40 hex>.ext``).
+
+    Nexus writes no other key, so in a bucket shared with other applications this tells
+    its own uploads from theirs.
+    """
+    model, _, rest = key.partition("/")
+    commit, extension = rest[:40], rest[40:]
+    return bool(
+        MODEL_NAME_RE.fullmatch(model)
+        and COMMIT_RE.fullmatch(commit)
+        and (not extension or EXTENSION_RE.fullmatch(extension))
+    )
+
+
 def validate_storage_key(key: str) -> str:
     """Refuse keys that could escape the store root once joined to a path."""
     parts = key.split("/")

@@ -76,8 +76,9 @@ def test_gc_on_s3_aborts_only_old_multipart_uploads(
                        cwd=repo.path, env=env)  # fmt: skip
     assert stored.exit_code == 0, stored.stderr
     key = json.loads(stored.stdout)["storage_uri"]
-    upload = s3_client.create_multipart_upload(Bucket=s3_bucket, Key="prod_model/killed.pt")
-    s3_client.upload_part(Bucket=s3_bucket, Key="prod_model/killed.pt", PartNumber=1,
+    killed = f"prod_model/{'e' * 40}.pt"  # a `nexus store` killed mid-upload
+    upload = s3_client.create_multipart_upload(Bucket=s3_bucket, Key=killed)
+    s3_client.upload_part(Bucket=s3_bucket, Key=killed, PartNumber=1,
                           UploadId=upload["UploadId"], Body=b"x" * 100)  # fmt: skip
 
     young = run_nexus("gc", "--json", cwd=repo.path, env=env)
@@ -88,7 +89,7 @@ def test_gc_on_s3_aborts_only_old_multipart_uploads(
     dry = json.loads(run_nexus("gc", "--older-than", "1s", "--dry-run", "--json",
                                cwd=repo.path, env=env).stdout)  # fmt: skip
     assert [(x["kind"], x["name"], x["upload_id"]) for x in dry["leftovers"]] == [
-        ("multipart_upload", "prod_model/killed.pt", upload["UploadId"])
+        ("multipart_upload", killed, upload["UploadId"])
     ]
     assert len(s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) == 1
 
@@ -96,3 +97,22 @@ def test_gc_on_s3_aborts_only_old_multipart_uploads(
     assert json.loads(done.stdout)["count"] == 1
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     assert s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == b"weights"
+
+
+def test_gc_on_s3_leaves_other_applications_uploads_alone(
+    repo: Repo, s3_client: Any, s3_bucket: str, moto_endpoint: str
+) -> None:
+    """A bucket (with no prefix) may be shared: only uploads to keys nexus writes are its own."""
+    env = {"NEXUS_PROVIDER": "s3", "NEXUS_BUCKET": s3_bucket, "NEXUS_ENDPOINT_URL": moto_endpoint}
+    foreign = ["backups/db.tar", "prod_model/notes.txt", f"a/b/{'e' * 40}.pt"]
+    for key in foreign:
+        s3_client.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    ours = f"prod_model/{'d' * 40}.pt"
+    s3_client.create_multipart_upload(Bucket=s3_bucket, Key=ours)
+    time.sleep(1.1)
+
+    done = run_nexus("gc", "--older-than", "1s", "--json", cwd=repo.path, env=env)
+    assert done.exit_code == 0, done.stderr
+    assert [x["name"] for x in json.loads(done.stdout)["leftovers"]] == [ours]
+    left = s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert sorted(upload["Key"] for upload in left) == sorted(foreign)

@@ -46,9 +46,14 @@ class TestS3Contract(StorageContract):
         return small_parts_store(s3_bucket, moto_endpoint)
 
     def leave_leftover(self, store: S3Store, tmp_path: Path) -> str:
-        """A multipart upload with one part sent, never completed: a killed `nexus store`."""
-        leave_multipart_upload(store._client, store.bucket_name, "m/k.pt")
-        return "m/k.pt"
+        """A multipart upload with one part sent, never completed: a killed `nexus store`
+        (of a key nexus writes: gc leaves other applications' uploads alone)."""
+        leave_multipart_upload(store._client, store.bucket_name, VERSION_KEY)
+        return VERSION_KEY
+
+
+#: a key of the shape nexus stores a version at
+VERSION_KEY = f"m/{'c' * 40}.pt"
 
 
 def leave_multipart_upload(client: Any, bucket: str, key: str) -> str:
@@ -432,10 +437,10 @@ def test_leftovers_are_the_prefix_s_multipart_uploads(
     aborting one leaves the others (and every stored object) alone."""
     store = small_parts_store(s3_bucket, moto_endpoint, prefix="team")
     store.put_file(write(tmp_path, "a", b"stored"), "m/k.pt")
-    ours = leave_multipart_upload(s3_client, s3_bucket, "team/m/k2.pt")
-    theirs = leave_multipart_upload(s3_client, s3_bucket, "other/m/k2.pt")
+    ours = leave_multipart_upload(s3_client, s3_bucket, f"team/{VERSION_KEY}")
+    theirs = leave_multipart_upload(s3_client, s3_bucket, f"other/{VERSION_KEY}")
     (leftover,) = store.leftovers(timedelta(0))
-    assert (leftover.kind, leftover.name) == ("multipart_upload", "m/k2.pt")
+    assert (leftover.kind, leftover.name) == ("multipart_upload", VERSION_KEY)
     assert (leftover.upload_id, leftover.size) == (ours, 100)
     store.remove_leftover(leftover)
     remaining = s3_client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]

@@ -45,6 +45,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from nexus_cli.config import StorageConfig
 from nexus_cli.errors import NexusError, StorageError
+from nexus_cli.names import is_version_key
 from nexus_cli.storage.base import Leftover
 from nexus_cli.storage.bucket import (
     UPLOAD_TOKEN_KEY,
@@ -450,7 +451,11 @@ class S3Store(BucketStore):
 
     def leftovers(self, older_than: timedelta) -> Iterator[Leftover]:
         """Multipart uploads under the prefix that were started before the cutoff and
-        never completed or aborted (a killed `nexus store`): S3 keeps and bills their parts."""
+        never completed or aborted (a killed `nexus store`): S3 keeps and bills their parts.
+
+        Only uploads to keys of the shape nexus writes count: a bucket may be shared, and
+        another application's upload in flight is not ours to abort.
+        """
         cutoff = datetime.now(UTC) - older_than
         with self._translated("list uploads in"):
             pages = self._client.get_paginator("list_multipart_uploads").paginate(
@@ -459,7 +464,7 @@ class S3Store(BucketStore):
             for page in pages:
                 for upload in page.get("Uploads", []):
                     started = upload["Initiated"].astimezone(UTC)
-                    if started < cutoff:
+                    if started < cutoff and is_version_key(self._key(upload["Key"])):
                         yield Leftover(
                             "multipart_upload",
                             self._key(upload["Key"]),
