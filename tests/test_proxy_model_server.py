@@ -187,3 +187,39 @@ def test_model_server_killed_mid_load_and_restarted(tmp_path, published) -> None
         if proxy is not None:
             proxy.kill()
         server.kill()
+
+
+def test_a_reload_behind_the_proxy_switches_versions(tmp_path) -> None:
+    """After /admin/reload the proxy sees the new commit in an answer and re-reads the
+    metadata: v2 lists the new version and the old one is 404. (A changed signature taking
+    effect is tested with the fake model server in test_proxy.py.)"""
+    repo = make_model_repo(tmp_path / "project")
+    first = publish_demo(repo, seed=1)
+    env = {"NEXUS_CACHE_DIR": str(tmp_path / "cache")}
+    with ModelServerProcess(env, repo, log=tmp_path / "server.log") as server:
+        server.wait_ready()
+        proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": server.url})
+        try:
+            wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200, 60)
+            second = publish_demo(repo, seed=2)
+            status, _, body = http("POST", server.url + "/admin/reload", b"")
+            assert status == 200, body
+            assert json.loads(body)["to_commit"] == second.commit
+
+            def answered_by_second() -> bool:
+                status, _, body = http("POST", proxy.url + "/predict", {"input": [0.25] * 8})
+                return status == 200 and json.loads(body)["model"]["commit_hash"] == second.commit
+
+            wait_until(answered_by_second, 30, "answers from the new version")
+            status, _, body = http("POST", proxy.url + "/predict", {"input": [0.25] * 8})
+            expected = reference_outputs(second.weights, second.fmt, [[0.25] * 8])[0]
+            np.testing.assert_allclose(json.loads(body)["output"], expected, rtol=1e-5, atol=1e-6)
+
+            def versions() -> list[str]:
+                return json.loads(http("GET", proxy.url + "/v2/models/demo")[2])["versions"]
+
+            wait_until(lambda: versions() == [second.commit], 30, "v2 lists the new commit")
+            old = f"/v2/models/demo/versions/{first.commit}/ready"
+            assert http("GET", proxy.url + old)[0] == 404  # no longer served
+        finally:
+            proxy.kill()
