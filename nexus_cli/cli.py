@@ -13,6 +13,7 @@ commands that use them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -687,18 +688,19 @@ def _skip_pydantic_coercion(command: Any) -> None:
     pydantic for that is a third of what `nexus list` costs (~0.1 s on 2 cores). Our
     parameters are plain types, so each gets a converter of its own. This leans on
     Typer internals (``_runtime_param``); where they differ it changes nothing and Typer
-    coerces as usual, only slower.
+    coerces as usual, only slower: any error while installing the converters stops the
+    installation (each parameter holds either its converter or Typer's own).
     """
-    try:
-        from dataclasses import dataclass as frozen_dataclass
+    with contextlib.suppress(Exception):  # Typer's internals changed: keep its coercion
+        _install_plain_converters(command)
 
-        from typer._click import Context
-        from typer._coercion import RuntimeParam
-        from typer.core import _TyperParameter
-    except ImportError:
-        return
 
-    @frozen_dataclass(frozen=True)
+def _install_plain_converters(command: Any) -> None:
+    from typer._click import Context
+    from typer._coercion import RuntimeParam
+    from typer.core import _TyperParameter
+
+    @dataclass(frozen=True)
     class PlainParam(RuntimeParam):
         convert: Callable[[Any], Any]
 

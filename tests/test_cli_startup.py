@@ -51,3 +51,34 @@ def test_list_loads_no_git_no_sdk_no_pydantic(cli, repo: Repo, json_flag: list[s
     if json_flag:
         heavy.add("rich")  # JSON output never renders a table
     assert loaded & heavy == set()
+
+
+BROKEN_TYPER = """
+import json, sys
+import typer._coercion
+
+class RuntimeParam:  # a future Typer whose internals differ from 0.29's
+    def __init__(self, descriptor):
+        self.descriptor = descriptor
+
+typer._coercion.RuntimeParam = RuntimeParam
+sys.argv = ["nexus", *json.loads(sys.argv[1])]
+from nexus_cli.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    "args", [["list", "--json"], ["store", "out/m.pt", "prod_model", "--metric", "acc=0.5"]]
+)
+def test_the_pydantic_shortcut_degrades_to_typer_s_own_coercion(
+    repo: Repo, args: list[str]
+) -> None:
+    """The startup shortcut leans on Typer internals; where they differ, nexus still works."""
+    repo.write_weights("m.pt", b"w")
+    completed = subprocess.run(
+        [sys.executable, "-c", BROKEN_TYPER, json.dumps(args)],
+        cwd=repo.path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert "Traceback" not in completed.stderr
