@@ -30,8 +30,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Every benchmark table in the README, one after the other (about 40 minutes on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python bench/transfer.py --size-mib 1024 --runs 3 --s3
+	$(BIN)/python bench/server.py
+	$(BIN)/python bench/serving.py
 
 # The whole loop in a scratch repository: store, serve, predict, store v2, reload, roll back.
 demo: $(STAMP)

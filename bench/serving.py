@@ -43,9 +43,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FEATURES = 1024
 FACTORIES = {"big": "model_server.demo:build_mlp", "small": "model_server.demo:build_small_mlp"}
-# run as a script, bench/ is first on sys.path, and bench/model_server.py would shadow the
-# model_server package: import from the repository root instead
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 
 # -- load generator (runs in its own process) ------------------------------------------

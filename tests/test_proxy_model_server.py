@@ -90,7 +90,6 @@ def test_500_concurrent_predictions_equal_torch(proxy, published) -> None:
 
 
 def test_v2_with_tritonclient_equals_torch(proxy, published) -> None:
-    pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
     _, version = published
     rows = np.random.default_rng(5).normal(size=(6, 8)).astype(np.float32)
     seen = tritonclient_call(

@@ -226,7 +226,6 @@ def test_v2_timeout_parameter_is_microseconds(proxy) -> None:
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_tritonclient(proxy, binary) -> None:
-    pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
     rows = np.random.default_rng(3).random((5, 4), dtype=np.float32)
     seen = tritonclient_call(
         proxy.url, "doubler", rows.tolist(), input_name="features", output_name="scores",

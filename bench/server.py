@@ -20,8 +20,8 @@ read (receiving the body), decode (JSON to arrays), queue (waiting for the devic
 forward (on the device worker), encode (arrays to JSON), and the rest (HTTP parsing,
 uvicorn, FastAPI, thread hops, the client).
 
-    python bench/model_server.py                 # big model, 5 runs
-    python bench/model_server.py --quick         # small model, 2 runs: a smoke check
+    python bench/server.py                 # big model, 5 runs
+    python bench/server.py --quick         # small model, 2 runs: a smoke check
 """
 
 from __future__ import annotations
