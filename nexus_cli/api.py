@@ -51,7 +51,7 @@ from nexus_cli.names import (
 from nexus_cli.signature import validate_signature
 
 if TYPE_CHECKING:
-    from nexus_cli.storage import ObjectStore
+    from nexus_cli.storage import ObjectInfo, ObjectStore
     from nexus_cli.storage.base import Leftover
     from nexus_cli.transfer import Digest
 
@@ -193,6 +193,14 @@ def check_local_store_root(root: Path, meta_dir: Path) -> None:
         )
 
 
+def _recorded_at(metadata: Metadata, key: str) -> VersionRecord | None:
+    """The version recorded at object ``key``, if any."""
+    return next(
+        (v for versions in metadata.models.values() for v in versions if v.storage_uri == key),
+        None,
+    )
+
+
 class Project:
     """One `.nexus_meta.json`, its `.nexusrc`, and the store they point to."""
 
@@ -294,8 +302,9 @@ class Project:
                 )
 
         key = storage_key(model_name, commit, file_extension(source.name))
-        self._refuse_other_object(self.metadata(), model_name, commit, key, force)
-        uploaded, digest = self._upload(source, key, force, progress)
+        before = self.metadata()
+        self._refuse_other_object(before, model_name, commit, key, force)
+        uploaded, digest = self._upload(source, key, before, force, progress)
 
         record = VersionRecord(
             commit_hash=commit,
@@ -343,7 +352,7 @@ class Project:
             )
 
     def _upload(
-        self, source: Path, key: str, force: bool, progress: ProgressReporter
+        self, source: Path, key: str, metadata: Metadata, force: bool, progress: ProgressReporter
     ) -> tuple[bool, Digest]:
         """Put ``source`` at ``key`` unless the same bytes are there; (uploaded, digest)."""
         from nexus_cli.transfer import hash_file
@@ -357,10 +366,12 @@ class Project:
                     return True, store.put_file(source, key, if_absent=not force, progress=advance)
             except ObjectExistsError as exc:  # another writer finished first
                 ours = exc.digest
+            info = store.stat(key)
         else:
             with progress(f"hashing {source.name}", size) as advance:
                 ours = hash_file(source, advance)
-        if self._stored_matches(key, ours, progress, trust_record=not force):
+        recorded = None if force else _recorded_at(metadata, key)
+        if info is not None and self._stored_matches(info, ours, recorded, progress):
             return False, ours
         if not force:
             raise ConflictError(
@@ -371,38 +382,27 @@ class Project:
             return True, store.put_file(source, key, if_absent=False, progress=advance)
 
     def _stored_matches(
-        self, key: str, ours: Digest, progress: ProgressReporter, *, trust_record: bool = True
+        self,
+        info: ObjectInfo,
+        ours: Digest,
+        recorded: VersionRecord | None,
+        progress: ProgressReporter,
     ) -> bool:
-        """Whether the object at ``key`` holds exactly the bytes ``ours`` describes.
+        """Whether the object ``info`` describes holds exactly the bytes ``ours`` describes.
 
-        A record of this very key with the same size vouches for the stored bytes (as in
-        DVC; `nexus verify` re-reads them), unless ``trust_record`` is false (``--force``
-        is how a corrupted object gets repaired); otherwise the store's bytes are hashed.
+        A record of this very key with the same size (``recorded``) vouches for the
+        stored bytes (as in DVC; `nexus verify` re-reads them) unless the store computed
+        a checksum itself; ``--force`` passes no record, which is how a corrupted object
+        gets repaired. Otherwise the store's bytes decide.
         """
-        store = self.store_backend
-        info = store.stat(key)
-        if info is None:
-            return False
         if info.size != ours.size:
             return False
-        recorded = next(
-            (
-                v
-                for versions in self.metadata().models.values()
-                for v in versions
-                if v.storage_uri == key
-            ),
-            None,
-        )
-        if (
-            trust_record
-            and recorded is not None
-            and recorded.size_bytes == info.size
-            and not info.sha256
-        ):
+        if info.sha256:  # computed by the store over the bytes it holds
+            return info.sha256 == ours.sha256
+        if recorded is not None and recorded.size_bytes == info.size:
             return recorded.sha256 == ours.sha256
-        with progress(f"checking stored {key}", info.size) as advance:
-            return store.content_digest(key, progress=advance) == ours
+        with progress(f"checking stored {info.key}", info.size) as advance:
+            return self.store_backend.content_digest(info.key, progress=advance) == ours
 
     # list / load / rollback / verify --------------------------------------------------------
 

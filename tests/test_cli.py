@@ -123,6 +123,27 @@ def test_same_bytes_twice_uploads_nothing(cli, repo: Repo) -> None:
     assert len(repo.meta["models"]["prod_model"]["versions"]) == 1
 
 
+def test_storing_the_same_bytes_again_asks_the_store_once(
+    cli, repo: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One question to the store (a HEAD request on S3) and one read of the registry
+    before the locked edit: the answers are passed along, not asked for again."""
+    from nexus_cli.metadata import Metadata
+    from nexus_cli.storage.local import LocalStore
+
+    weights = repo.write_weights("m.pt", V1)
+    assert cli("store", weights, "prod_model").exit_code == 0
+    calls: list[str] = []
+    stat, read = LocalStore.stat, Metadata.read.__func__
+    monkeypatch.setattr(LocalStore, "stat", lambda s, key: calls.append("stat") or stat(s, key))
+    monkeypatch.setattr(
+        Metadata, "read", classmethod(lambda c, *a, **k: calls.append("read") or read(c, *a, **k))
+    )
+    again = cli("store", weights, "prod_model", "--json")
+    assert again.json["uploaded"] is False
+    assert calls == ["read", "stat", "read"]  # the second read is under the lock
+
+
 def test_different_bytes_at_the_same_commit_conflict(cli, repo: Repo) -> None:
     first = cli("store", repo.write_weights("m.pt", V1), "prod_model", "--json").json
     other = repo.write_weights("m.pt", V2)
