@@ -392,14 +392,11 @@ class S3Store(BucketStore):
         except ClientError as exc:
             if self._taken(exc, upload.name, if_absent):
                 raise KeyTaken from exc
-            if _error_code(exc)[0] == "NoSuchUpload" and self._completed(upload):
+            if _error_code(exc)[0] == "NoSuchUpload" and self._written_by(
+                self._key(upload.name), upload.token
+            ):
                 return
             raise
-
-    def _completed(self, upload: _Upload) -> bool:
-        """Whether the object at the upload's name came from this upload."""
-        found = self._lookup(self._key(upload.name))
-        return found is not None and found.upload_token == upload.token
 
     def _abort_parts(self, upload: _Upload) -> None:
         """Best effort: a failed abort leaves parts for `nexus gc` or a lifecycle rule."""
