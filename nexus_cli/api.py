@@ -301,6 +301,7 @@ class Project:
                     hint="commit or stash them so the weights match a commit, or use --allow-dirty",
                 )
 
+        file_format = detect_format(source)  # before the upload: nothing fails after it
         key = storage_key(model_name, commit, file_extension(source.name))
         before = self.metadata()
         self._refuse_other_object(before, model_name, commit, key, force)
@@ -312,7 +313,7 @@ class Project:
             storage_uri=key,
             sha256=digest.sha256,
             size_bytes=digest.size,
-            format=detect_format(source),
+            format=file_format,
             signature=signature,
             created_at=_utc_now(),
             created_by=repo.identity(),

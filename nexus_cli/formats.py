@@ -11,6 +11,9 @@ from pathlib import Path
 _STATE_DICT_MODULES = {"collections", "torch", "torch._utils", "torch._tensor"}
 _STATE_DICT_BUILTINS = {"dict", "list", "tuple", "set", "int", "float", "bool", "str"}
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+#: a state dict's pickle names tensors (their bytes are other entries): a larger one is
+#: not read into memory, whatever the archive claims
+_STATE_DICT_MAX_PICKLE = 64 * 1024 * 1024
 
 
 def _is_state_dict_pickle(data: bytes) -> bool:
@@ -46,7 +49,11 @@ def _zip_format(path: Path) -> str:
         if any(n.endswith("/archive_format") for n in names):
             return "torch_export"
         pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) == 1 and _is_state_dict_pickle(archive.read(pickles[0])):
+        if (
+            len(pickles) == 1
+            and archive.getinfo(pickles[0]).file_size <= _STATE_DICT_MAX_PICKLE
+            and _is_state_dict_pickle(archive.read(pickles[0]))
+        ):
             return "state_dict"
     return "unknown"
 
@@ -61,7 +68,7 @@ def _is_safetensors(head: bytes, size: int, path: Path) -> bool:
         handle.seek(8)
         try:
             header = json.loads(handle.read(header_size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past any header
             return False
     return isinstance(header, dict)
 

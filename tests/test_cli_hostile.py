@@ -462,3 +462,13 @@ def test_an_oversized_nexusrc_is_refused(cli, repo: Repo) -> None:
     result = cli("list", "--json")
     assert result.exit_code == 2
     assert "larger than" in result.json["error"]["message"]
+
+
+def test_a_hostile_safetensors_header_is_an_unknown_format(cli, repo: Repo) -> None:
+    """Format detection reads the file's header as JSON; nested past the parser's depth it
+    raised RecursionError after the upload (exit 1, an object without a record)."""
+    header = b'{"a":' * 50_000 + b"1" + b"}" * 50_000
+    weights = repo.write_weights("deep.safetensors", len(header).to_bytes(8, "little") + header)
+    result = cli("store", weights, "prod_model", "--json")
+    assert result.exit_code == 0, result.stdout
+    assert result.json["format"] == "unknown"
