@@ -568,19 +568,22 @@ def merge_metadata_files(base: Path, ours: Path, theirs: Path) -> Metadata:
     """The git merge driver: merge three versions of a registry and write it to ``ours``.
 
     Git passes the common ancestor, our side and their side as temporary files (%O %A
-    %B) and takes the result from ``ours``. An empty or missing file is an empty
-    registry (a registry added on both branches has no ancestor). Either side may hold
+    %B) and takes the result from ``ours``. An empty file, or a missing ``base``, is an
+    empty registry (a registry added on both branches has no ancestor); a missing side
+    is a ``UsageError``. Either side may hold
     several latest versions (a merge made before the driver was set up); the rule in
     ``merge_metadata`` picks one. A real conflict raises ``ConflictError`` and leaves
     ``ours`` as it was.
     """
 
-    def read(path: Path) -> Metadata:
-        if not path.exists() or path.stat().st_size == 0:
+    def read(path: Path, *, side: bool) -> Metadata:
+        if side and not path.exists():  # git always passes both sides: this is a typo
+            raise UsageError(f"{path} does not exist")
+        if path.exists() and path.stat().st_size == 0:
             return Metadata()
         return Metadata.read(path, lenient_latest=True)
 
-    merged = merge_metadata(read(base), read(ours), read(theirs))
+    merged = merge_metadata(read(base, side=False), read(ours, side=True), read(theirs, side=True))
     merged.write(ours)
     return merged
 

@@ -149,6 +149,20 @@ def test_a_real_conflict_fails_the_driver_and_leaves_ours(tmp_path: Path) -> Non
     assert paths["ours"].read_bytes() == before
 
 
+@pytest.mark.parametrize("missing", ["ours", "theirs"])
+def test_a_missing_side_is_a_usage_error_that_writes_nothing(cli, tmp_path: Path, missing) -> None:
+    """Git always passes both sides; a missing one is a typo, not an empty registry (the
+    driver used to write a fresh registry under the typo's name and exit 0)."""
+    paths = {name: tmp_path / name for name in ("base", "ours", "theirs")}
+    for name in ("base", "ours", "theirs"):
+        if name != missing:
+            registry(V_A, latest=A).write(paths[name])
+    result = cli("merge-driver", paths["base"], paths["ours"], paths["theirs"], "--json")
+    assert result.exit_code == 2
+    assert str(paths[missing]) in result.json["error"]["message"]
+    assert not paths[missing].exists()
+
+
 def test_init_declares_the_driver_once_and_keeps_other_attributes(cli, repo: Repo) -> None:
     (repo.path / ".gitattributes").write_text("*.pt binary")  # no final newline
     first = cli("init")
