@@ -472,3 +472,28 @@ def test_a_hostile_safetensors_header_is_an_unknown_format(cli, repo: Repo) -> N
     result = cli("store", weights, "prod_model", "--json")
     assert result.exit_code == 0, result.stdout
     assert result.json["format"] == "unknown"
+
+
+@posix_only
+def test_a_committed_metadata_link_out_of_the_repository_is_refused(
+    cli, repo: Repo, tmp_path: Path
+) -> None:
+    """Git records a link, not what it points to: a store through a link that leaves the
+    repository wrote (and made folders) anywhere on disk, and the record never reached git."""
+    outside = tmp_path / "elsewhere" / "deep" / "registry.json"
+    (repo.path / ".nexus_meta.json").symlink_to(outside)
+    repo.commit_all("a pull request adds a link")
+    result = cli("store", repo.write_weights("m.pt", V1), "prod_model", "--json")
+    assert result.exit_code == 2
+    assert "outside the git repository" in result.json["error"]["message"]
+    assert not outside.parent.exists()
+
+
+@posix_only
+def test_a_metadata_link_inside_the_repository_is_written_through(cli, repo: Repo) -> None:
+    (repo.path / "registry").mkdir()
+    (repo.path / ".nexus_meta.json").symlink_to("registry/meta.json")
+    repo.commit_all("the registry lives in a folder")
+    assert cli("store", repo.write_weights("m.pt", V1), "prod_model").exit_code == 0
+    assert (repo.path / ".nexus_meta.json").is_symlink()
+    assert "prod_model" in json.loads((repo.path / "registry" / "meta.json").read_text())["models"]
