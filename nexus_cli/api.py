@@ -453,13 +453,15 @@ class Project:
     ) -> LoadResult:
         """Download a version; the file appears only once its size and sha256 match.
 
-        ``output`` may be a folder (the file goes inside under its default name); an
-        existing file there that is not a regular file is never replaced.
+        ``output`` may be a folder (the file goes inside under its default name): one
+        that exists, or a string ending in a separator (``models/``), created if need be.
+        An existing file there that is not a regular file is never replaced.
         """
         record = self.resolve(model_name, commit)
         default_name = f"{record.model_name}-{record.short_commit}{Path(record.storage_uri).suffix}"
         target = Path(output) if output else Path.cwd() / default_name
-        if target.is_dir() and not target.is_symlink():
+        names_a_folder = isinstance(output, str) and output.endswith(("/", os.sep))
+        if names_a_folder or (target.is_dir() and not target.is_symlink()):
             target = target / default_name
         elif target.is_dir():  # a link to a folder: the folder is what the user means
             target = target.resolve() / default_name

@@ -467,9 +467,12 @@ def load(
     model_name: ModelArg,
     commit: CommitOpt = None,
     output: Annotated[
-        Path | None,
+        str | None,  # not Path: a trailing "/" (a folder to create) must survive
         typer.Option(
-            "-o", "--output", metavar="PATH", help="Where to write the file (a file or a folder)."
+            "-o",
+            "--output",
+            metavar="PATH",
+            help="Where to write the file: a file, or a folder (one that exists, or ends in /).",
         ),
     ] = None,
 ) -> Reply:

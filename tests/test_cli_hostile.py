@@ -84,6 +84,16 @@ def test_load_into_a_folder_keeps_its_meaning(cli, repo: Repo, tmp_path: Path) -
     assert link.is_symlink()
 
 
+def test_load_to_a_new_folder_named_with_a_trailing_slash(cli, repo: Repo, tmp_path: Path) -> None:
+    """`-o models/` means a folder, as it does to cp; it used to become a file named models."""
+    record = stored(cli, repo)
+    result = cli("load", "prod_model", "-o", f"{tmp_path / 'models'}/", "--json")
+    assert result.exit_code == 0, result.stdout
+    expected = tmp_path / "models" / f"prod_model-{record['commit_hash'][:7]}.pt"
+    assert result.json["path"] == str(expected)
+    assert expected.read_bytes() == V1
+
+
 def test_load_under_an_existing_file_is_a_usage_error(cli, repo: Repo, tmp_path: Path) -> None:
     stored(cli, repo)
     blocker = tmp_path / "not-a-folder"
