@@ -139,8 +139,14 @@ def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def _check_readable_file(source: Path) -> None:
     """Refuse an input that is not a regular file or cannot be read (exit 2, naming it)."""
-    if not source.is_file():  # checked before open(): opening a FIFO would block
-        raise UsageError(f"{source} is not a file")
+    try:  # checked before open(): opening a FIFO would block
+        mode = os.stat(source).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"{source} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{source} is {describe_file_type(mode)}, not a file")
     try:
         with open(source, "rb") as handle:
             handle.read(1)

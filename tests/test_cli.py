@@ -385,10 +385,14 @@ def test_metrics_must_be_numbers(cli, repo: Repo) -> None:
     assert not (repo.path / ".nexus_meta.json").exists()
 
 
-def test_store_of_a_missing_file(cli, repo: Repo) -> None:
+def test_store_of_a_missing_file_or_a_folder_says_which(cli, repo: Repo) -> None:
     result = cli("store", "nope.pt", "prod_model")
     assert result.exit_code == 2
-    assert "nope.pt is not a file" in result.stderr
+    assert "nope.pt does not exist" in result.stderr
+    (repo.path / "out").mkdir()
+    result = cli("store", "out", "prod_model")
+    assert result.exit_code == 2
+    assert "out is a folder, not a file" in result.stderr
     assert not (repo.path / ".nexus_meta.json").exists()
 
 
