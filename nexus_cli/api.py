@@ -37,11 +37,18 @@ from nexus_cli.files import (
     atomic_write_text,
     describe_file_type,
     make_ignored_dir,
+    prepare_lock,
     read_regular_file,
     replaceable_target,
 )
 from nexus_cli.gitrepo import GitRepo, find_worktree_root, holds_tracked_files, worktree_root
-from nexus_cli.metadata import Metadata, VersionRecord, edit_metadata, merge_metadata
+from nexus_cli.metadata import (
+    Metadata,
+    VersionRecord,
+    edit_metadata,
+    lock_path,
+    merge_metadata,
+)
 from nexus_cli.names import (
     file_extension,
     refuse_control_chars,
@@ -311,7 +318,9 @@ class Project:
         signature = validate_signature(signature) if signature is not None else None
         source = Path(file)
         _check_readable_file(source)
-        check_meta_link(self.meta_path)  # before the upload, which nothing could record
+        # before the upload: a registry that cannot be written could not record it
+        check_meta_link(self.meta_path)
+        prepare_lock(lock_path(self.meta_path))
 
         from nexus_cli.formats import detect_format
 

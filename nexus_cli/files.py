@@ -134,6 +134,23 @@ def make_ignored_dir(directory: Path) -> None:
         )
 
 
+def _lock_error(lock_path: Path, exc: OSError) -> UsageError:
+    return UsageError(
+        f"cannot take the lock {lock_path} ({exc.strerror}: {exc.filename or lock_path})",
+        hint=f"{lock_path.parent} must be a folder this user can write",
+    )
+
+
+def prepare_lock(lock_path: Path) -> None:
+    """Create the git-ignored folder that holds ``lock_path``; ``UsageError`` naming it
+    when that is impossible (a file in its place, no permission). A command that will
+    take the lock after slow work (an upload) calls this first, to fail before it."""
+    try:
+        make_ignored_dir(lock_path.parent)
+    except OSError as exc:
+        raise _lock_error(lock_path, exc) from exc
+
+
 @contextlib.contextmanager
 def exclusive_lock(
     lock_path: Path, *, on_wait: Callable[[Path], None] | None = None
@@ -145,14 +162,17 @@ def exclusive_lock(
     """
     from filelock import FileLock, Timeout  # imported here: it costs startup time
 
-    make_ignored_dir(lock_path.parent)
+    prepare_lock(lock_path)
     lock = FileLock(lock_path, thread_local=False)
     try:
-        lock.acquire(timeout=LOCK_NOTICE_AFTER_S)
-    except Timeout:
-        if on_wait is not None:
-            on_wait(lock_path)
-        lock.acquire()
+        try:
+            lock.acquire(timeout=LOCK_NOTICE_AFTER_S)
+        except Timeout:
+            if on_wait is not None:
+                on_wait(lock_path)
+            lock.acquire()
+    except OSError as exc:
+        raise _lock_error(lock_path, exc) from exc
     try:
         yield
     finally:

@@ -335,6 +335,11 @@ def parse_json(data: bytes, source: str) -> Any:
         raise MetadataError(f"{source}: {exc}") from exc
 
 
+def lock_path(meta_path: Path) -> Path:
+    """The lock that serialises edits of ``meta_path``, in a git-ignored `.nexus` beside it."""
+    return meta_path.parent / ".nexus" / "meta.lock"
+
+
 @contextmanager
 def edit_metadata(
     path: Path,
@@ -346,8 +351,7 @@ def edit_metadata(
 
     ``on_wait`` is told when another nexus process holds the lock for more than a second.
     """
-    lock_path = path.parent / ".nexus" / "meta.lock"
-    with exclusive_lock(lock_path, on_wait=on_wait):
+    with exclusive_lock(lock_path(path), on_wait=on_wait):
         metadata = Metadata.read(path, lenient_latest=lenient_latest)
         yield metadata
         metadata.write(path)

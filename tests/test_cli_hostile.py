@@ -143,6 +143,15 @@ def test_unwritable_metadata_folder_says_the_object_is_uploaded(repo: Repo, tmp_
     weights = repo.write_weights("m.pt", V1)
     args = ("store", weights, "prod_model", "--meta", registry / "models.json",
             "--config", config, "--json")  # fmt: skip
+    # where even the lock cannot be made, the store is refused before the upload
+    result = run_unprivileged(*args, cwd=repo.path)
+    assert result.returncode == 2, result.stderr
+    assert "cannot take the lock" in json.loads(result.stdout)["error"]["message"]
+    assert not (tmp_path / "store" / "prod_model").exists()
+    # the lock folder can be made, the registry beside it cannot be written
+    registry.chmod(0o755)
+    (registry / ".nexus").mkdir()
+    registry.chmod(0o555)
     result = run_unprivileged(*args, cwd=repo.path)
     assert result.returncode == 2, result.stderr
     message = json.loads(result.stdout)["error"]["message"]
@@ -507,3 +516,18 @@ def test_a_metadata_link_inside_the_repository_is_written_through(cli, repo: Rep
     assert cli("store", repo.write_weights("m.pt", V1), "prod_model").exit_code == 0
     assert (repo.path / ".nexus_meta.json").is_symlink()
     assert "prod_model" in json.loads((repo.path / "registry" / "meta.json").read_text())["models"]
+
+
+def test_a_file_where_the_lock_folder_goes_is_refused_before_the_upload(cli, repo: Repo) -> None:
+    """`.nexus` beside the metadata holds the lock; a file there (committed, say) made store
+    upload and then fail, and rollback exit 1 with FileExistsError."""
+    (repo.path / ".nexus").write_text("not a folder")
+    (repo.path / ".nexusrc").write_text('[storage]\npath = "store"\n')
+    repo.commit_all("a file named .nexus")
+    result = cli("store", repo.write_weights("m.pt", V1), "prod_model", "--json")
+    assert result.exit_code == 2
+    assert str(repo.path / ".nexus") in result.json["error"]["message"]
+    assert not (repo.path / "store" / "prod_model").exists()  # nothing uploaded
+    result = cli("rollback", "prod_model", "--json")
+    assert result.exit_code == 2
+    assert str(repo.path / ".nexus") in result.json["error"]["message"]
