@@ -214,22 +214,23 @@ def _recorded_at(metadata: Metadata, key: str) -> VersionRecord | None:
     )
 
 
-def check_meta_link(meta_path: Path) -> None:
-    """Refuse a metadata file that is a link leading out of the git work tree holding it.
+def check_link_in_worktree(path: Path) -> None:
+    """Refuse a tracked file (the metadata, `.nexusrc`, `.gitattributes`) that is a link
+    leading out of the git work tree holding it, before writing through it.
 
-    Git records a link, not what it points to: a registry written through such a link
+    Git records a link, not what it points to: what is written through such a link
     never reaches the repository, and a link that arrived by pull request would have
     nexus write (and make folders) wherever it points. A link within the work tree is
     written through.
     """
-    if not meta_path.is_symlink():
+    if not path.is_symlink():
         return
-    root = find_worktree_root(meta_path.parent.resolve())
-    target = meta_path.resolve()
+    root = find_worktree_root(path.parent.resolve())
+    target = path.resolve()
     if root is not None and not target.is_relative_to(root):
         raise UsageError(
-            f"{meta_path} is a link to {target}, outside the git repository {root}: git "
-            "would record the link, not the registry; replace the link with the file"
+            f"{path} is a link to {target}, outside the git repository {root}: git "
+            "would record the link, not the file; replace the link with the file"
         )
 
 
@@ -293,7 +294,7 @@ class Project:
         return Metadata.read(self.meta_path)
 
     def _edit(self, *, lenient_latest: bool = False) -> AbstractContextManager[Metadata]:
-        check_meta_link(self.meta_path)
+        check_link_in_worktree(self.meta_path)
         return edit_metadata(self.meta_path, lenient_latest=lenient_latest, on_wait=self.on_wait)
 
     # store -----------------------------------------------------------------------------
@@ -319,7 +320,7 @@ class Project:
         source = Path(file)
         _check_readable_file(source)
         # before the upload: a registry that cannot be written could not record it
-        check_meta_link(self.meta_path)
+        check_link_in_worktree(self.meta_path)
         prepare_lock(lock_path(self.meta_path))
 
         from nexus_cli.formats import detect_format
@@ -675,11 +676,11 @@ def init_project(
     if config_path.exists() and not force:
         raise UsageError(f"{config_path} already exists", hint="pass --force to overwrite it")
     Metadata.read(meta_path)  # an existing registry is kept, but must be valid
-    check_meta_link(meta_path)
     store_root = (meta_path.parent / config.path).resolve()
     if config.provider == "local":
         check_local_store_root(store_root, meta_path.parent)
     for target in (config_path, meta_path, meta_path.parent / GITATTRIBUTES_FILENAME):
+        check_link_in_worktree(target)
         replaceable_target(target)
     try:
         atomic_write_text(config_path, render_config(config))

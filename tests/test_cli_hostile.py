@@ -531,3 +531,18 @@ def test_a_file_where_the_lock_folder_goes_is_refused_before_the_upload(cli, rep
     result = cli("rollback", "prod_model", "--json")
     assert result.exit_code == 2
     assert str(repo.path / ".nexus") in result.json["error"]["message"]
+
+
+@posix_only
+@pytest.mark.parametrize("name", [".gitattributes", ".nexusrc", ".nexus_meta.json"])
+def test_init_writes_through_no_link_out_of_the_repository(
+    cli, repo: Repo, tmp_path: Path, name: str
+) -> None:
+    outside = tmp_path / "elsewhere" / "file"
+    (repo.path / name).symlink_to(outside)
+    repo.commit_all("a link")
+    result = cli("init", "--force", "--json")
+    assert result.exit_code == 2
+    assert "outside the git repository" in result.json["error"]["message"]
+    assert not outside.parent.exists()
+    assert not (repo.path / ".nexusrc").exists() or name == ".nexusrc"
