@@ -8,9 +8,10 @@ the framework raises before a route runs (404, 405). Bodies are read with a limi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -26,11 +27,13 @@ from nexus_cli.serving import (
     check_sample,
 )
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from proxy import v2
 from proxy.service import ProxyService, new_request_id
 
 log = logging.getLogger("nexus.proxy")
+T = TypeVar("T")
 
 JSON = "application/json"
 
@@ -93,8 +96,22 @@ class BodyBudget:
         self.used -= size
 
 
-async def read_body(request: Request, limit: int, budget: BodyBudget | None = None) -> bytes:
-    """The whole body, refused with 413 as soon as it passes ``limit`` (chunked too)."""
+class RequestTimeout(ServingError):
+    """The body did not arrive within the request's deadline (a slow or stalled client)."""
+
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
+class ClientGone(Exception):
+    """The caller closed its connection: there is nobody left to answer."""
+
+
+async def read_body(
+    request: Request, limit: int, budget: BodyBudget | None = None, timeout: float | None = None
+) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` (chunked too), and
+    with 408 when it has not arrived within ``timeout`` seconds (a stalled client must not
+    hold its connection and its share of the budget forever)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -105,17 +122,51 @@ async def read_body(request: Request, limit: int, budget: BodyBudget | None = No
     chunks: list[bytes] = []
     size = 0  # read so far, and taken from the budget
     try:
-        async for chunk in request.stream():
-            if budget is not None:
-                budget.take(len(chunk))
-            size += len(chunk)
-            chunks.append(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                if budget is not None:
+                    budget.take(len(chunk))
+                size += len(chunk)
+                chunks.append(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
+    except ClientDisconnect:
+        raise ClientGone from None
     finally:
         if budget is not None:
             budget.give_back(size)
     return b"".join(chunks)
+
+
+async def unless_caller_leaves(request: Request, work: Awaitable[T]) -> T:
+    """``await work``, unless the caller hangs up first: then ``work`` is cancelled (the
+    batcher drops a cancelled request before it joins a batch) and ``ClientGone`` raised.
+
+    The server does not cancel a handler whose client left; the only sign is an
+    ``http.disconnect`` from ``receive`` once the body has been read, so one watcher task
+    waits for it while the request is queued or in flight.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        if (await request.receive())["type"] == "http.disconnect":
+            gone = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone from None
+        raise
+    finally:
+        watcher.cancel()
 
 
 def _asked_timeout(request: Request) -> float | None:
@@ -166,6 +217,9 @@ def create_router(service: ProxyService) -> APIRouter:
         try:
             service.authorize(request.headers.get("authorization"))
             response = await handler(request_id)
+        except ClientGone:  # nobody reads this answer; 499 as nginx counts it
+            metrics.answered(route, 499, "client_closed_request")
+            return Response(status_code=499)
         except ServingError as error:
             metrics.answered(route, error.status, error.code)
             return error_response(error, request_id)
@@ -183,7 +237,9 @@ def create_router(service: ProxyService) -> APIRouter:
         """`{"input": x}` -> `{"output": y, "model": {"name", "commit_hash"}}`, batched."""
 
         async def handle(request_id: str) -> Response:
-            body = await read_body(request, settings.max_body_bytes, budget)
+            timeout = service.timeout(_asked_timeout(request))
+            begin = asyncio.get_running_loop().time()
+            body = await read_body(request, settings.max_body_bytes, budget, timeout)
             spec, _ = service.specs()
             try:
                 document = orjson.loads(body)
@@ -194,8 +250,10 @@ def create_router(service: ProxyService) -> APIRouter:
             if spec.datatype != "BOOL" and (b"true" in body or b"false" in body):
                 raise InvalidInput(f"input: expected numbers ({spec.datatype}), got booleans")
             sample = check_sample(document["input"], spec, "input")
-            timeout = service.timeout(_asked_timeout(request))
-            reply = await service.infer(sample[None], 1, timeout, request_id)
+            left = timeout - (asyncio.get_running_loop().time() - begin)
+            reply = await unless_caller_leaves(
+                request, service.infer(sample[None], 1, left, request_id)
+            )
             return Response(
                 orjson.dumps({"output": reply.outputs[0], "model": _model_ref(reply.model)}),
                 media_type=JSON,
@@ -303,13 +361,19 @@ def create_router(service: ProxyService) -> APIRouter:
 
     async def v2_infer(request: Request, name: str, version: str | None = None) -> Response:
         async def handle(request_id: str) -> Response:
-            body = await read_body(request, settings.max_body_bytes, budget)
+            timeout = service.timeout(_asked_timeout(request))
+            begin = asyncio.get_running_loop().time()
+            body = await read_body(request, settings.max_body_bytes, budget, timeout)
             _, served_version = served(name, version)
             spec, output = service.specs()
             decoded = v2.parse_infer(body, request.headers.get(v2.HEADER_LENGTH), spec, output)
-            timeout = service.timeout(_asked_timeout(request), decoded.timeout_s)
+            left = timeout - (asyncio.get_running_loop().time() - begin)
+            if decoded.timeout_s is not None:
+                left = min(left, decoded.timeout_s)
             rows = decoded.rows
-            reply = await service.infer(rows, len(rows), timeout, request_id)
+            reply = await unless_caller_leaves(
+                request, service.infer(rows, len(rows), left, request_id)
+            )
             commit = str(reply.model.get("commit_hash") or served_version)
             if version is not None and commit != version:
                 raise Unavailable(f"version {version!r} was replaced while the request ran")

@@ -1,0 +1,120 @@
+"""The proxy attacked the way a careless client or an attacker would, over real HTTP.
+
+Callers that hang up (while queued, mid-body), bodies that never finish, hostile v2
+payloads (deep nesting, too many dimensions), stray ``true``/``false`` text, a model
+server that rolls back to a commit it served before. Each case broke something once.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.fake_backend import (
+    Process,
+    http,
+    metric,
+    start_fake_backend,
+    start_proxy,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(120)
+V2_INFER = "/v2/models/doubler/infer"
+
+
+def control(backend: Process, **change) -> None:
+    status, _, body = http("POST", backend.url + "/control", change)
+    assert status == 200, body
+
+
+def stats(backend: Process) -> dict:
+    return json.loads(http("GET", backend.url + "/stats")[2])
+
+
+def raw_request(path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+    for name, value in (headers or {}).items():
+        head += f"{name}: {value}\r\n"
+    return head.encode() + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    process = start_fake_backend(tmp_path_factory.mktemp("backend"))
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def proxy(backend, tmp_path_factory):
+    process = start_proxy(
+        tmp_path_factory.mktemp("proxy"),
+        {"NEXUS_MODEL_SERVER_URL": backend.url, "NEXUS_REQUEST_TIMEOUT_S": "3"},
+    )
+    wait_until(lambda: http("GET", process.url + "/readyz")[0] == 200, what="proxy ready")
+    yield process
+    process.kill()
+
+
+@pytest.fixture(autouse=True)
+def _reset(backend):
+    control(backend, delay=0.0, ready=True, force_status=None)
+
+
+def test_callers_that_hang_up_while_queued_never_reach_the_model(proxy, backend) -> None:
+    control(backend, delay=1.0)
+    sample = json.dumps({"input": [1, 2, 3, 4]}).encode()
+    # two callers fill both of the model server's slots for a second
+    busy = [
+        threading.Thread(target=http, args=("POST", proxy.url + "/predict", sample))
+        for _ in range(2)
+    ]
+    for thread in busy:
+        thread.start()
+    wait_until(lambda: stats(backend)["most_running"] >= 2 or not busy[0].is_alive())
+    gone = []
+    for i in range(10):
+        conn = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        conn.sendall(raw_request("/predict", sample, {"X-Request-ID": f"gone-{i}"}))
+        gone.append(conn)
+    time.sleep(0.2)  # they are queued behind the busy slots
+    for conn in gone:
+        conn.close()
+    for thread in busy:
+        thread.join(30)
+    control(backend, delay=0.0)
+    status, _, _ = http("POST", proxy.url + "/predict", sample)  # the queue moves on
+    assert status == 200
+    seen = ",".join(stats(backend)["request_ids"])
+    assert "gone-" not in seen
+    text = http("GET", proxy.url + "/metrics")[2].decode()
+    assert 'code="499"' in text  # counted as the caller closing, not as our error
+    assert "internal_error" not in text
+
+
+def test_a_body_that_never_finishes_is_408_and_a_hang_up_mid_body_is_no_error(
+    proxy, backend
+) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as conn:
+        conn.sendall(raw_request("/predict", b'{"input": [1, 2, 3, 4]}')[:-8])  # 8 bytes short
+        begin = time.monotonic()
+        answer = b""
+        while not answer.endswith(b"}}") and time.monotonic() - begin < 15:
+            answer += conn.recv(65536) or b"}}"
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b'"request_timeout"' in answer
+    assert time.monotonic() - begin < 10  # NEXUS_REQUEST_TIMEOUT_S=3 bounds the read
+    conn = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    conn.sendall(raw_request(V2_INFER, b'{"inputs": []}')[:-4])
+    time.sleep(0.2)
+    conn.close()
+    time.sleep(0.3)
+    assert "Traceback" not in proxy.output()
+    text = http("GET", proxy.url + "/metrics")[2].decode()
+    assert "internal_error" not in text
+    assert metric(text, "nexus_proxy_requests_total") > 0
