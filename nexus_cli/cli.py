@@ -261,11 +261,13 @@ def _quoted(path: Path) -> str:
 
 
 def _commit_hint(paths: list[Path], summary: str) -> None:
+    """Tell how to commit ``paths``; a link is named by its target, the file that changed
+    (``git add`` of the link would stage nothing)."""
     from nexus_cli import console
 
     console.say(
         'Commit the metadata: [bold]git add {paths} && git commit -m "{summary}"[/]',
-        paths=" ".join(_quoted(path) for path in paths),
+        paths=" ".join(_quoted(p.resolve() if p.is_symlink() else p) for p in paths),
         summary=summary,
     )
 

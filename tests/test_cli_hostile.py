@@ -513,9 +513,12 @@ def test_a_metadata_link_inside_the_repository_is_written_through(cli, repo: Rep
     (repo.path / "registry").mkdir()
     (repo.path / ".nexus_meta.json").symlink_to("registry/meta.json")
     repo.commit_all("the registry lives in a folder")
-    assert cli("store", repo.write_weights("m.pt", V1), "prod_model").exit_code == 0
+    result = cli("store", repo.write_weights("m.pt", V1), "prod_model")
+    assert result.exit_code == 0
     assert (repo.path / ".nexus_meta.json").is_symlink()
     assert "prod_model" in json.loads((repo.path / "registry" / "meta.json").read_text())["models"]
+    # the hint names the file that changed: `git add` of the link would stage nothing
+    assert "git add registry/meta.json && git commit" in result.stdout
 
 
 def test_a_file_where_the_lock_folder_goes_is_refused_before_the_upload(cli, repo: Repo) -> None:
