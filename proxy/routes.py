@@ -247,9 +247,15 @@ def create_router(service: ProxyService) -> APIRouter:
                 raise BadRequest('the body is not JSON; send {"input": [...]}') from None
             if not isinstance(document, dict) or "input" not in document:
                 raise BadRequest('expected a JSON object {"input": [...]}')
-            if spec.datatype != "BOOL" and (b"true" in body or b"false" in body):
+            value = document["input"]
+            literals = b"true" in body or b"false" in body  # maybe in another field, a string
+            if spec.datatype != "BOOL" and literals and v2.has_bool(value):
                 raise InvalidInput(f"input: expected numbers ({spec.datatype}), got booleans")
-            sample = check_sample(document["input"], spec, "input")
+            sample = check_sample(value, spec, "input")
+            if sample.ndim > v2.MAX_SAMPLE_DIMS:
+                raise InvalidInput(
+                    f"input: {sample.ndim} dimensions; at most {v2.MAX_SAMPLE_DIMS} are served"
+                )
             left = timeout - (asyncio.get_running_loop().time() - begin)
             reply = await unless_caller_leaves(
                 request, service.infer(sample[None], 1, left, request_id)

@@ -32,6 +32,8 @@ from nexus_cli.serving import (
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data"]
+#: most dimensions of one sample (numpy's own limit is 64, batch dimension included)
+MAX_SAMPLE_DIMS = 32
 
 _PLATFORMS = {"torchscript": "pytorch_libtorch", "torch_export": "pytorch_libtorch"}
 
@@ -63,7 +65,7 @@ def parse_infer(
         raise BadRequest(
             f"expected exactly one input tensor {spec.name!r}; the model takes one input"
         )
-    rows = _input_rows(inputs[0], binary, spec)
+    rows = _input_rows(inputs[0], binary, spec, b"true" in header or b"false" in header)
     parameters = _parameters(document, "request")
     binary_output = bool(parameters.get("binary_data_output", False))
     requested = document.get("outputs")
@@ -119,7 +121,10 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     return value / 1e6
 
 
-def _input_rows(tensor: dict[str, Any], binary: bytes, spec: TensorSpec) -> np.ndarray:
+def _input_rows(
+    tensor: dict[str, Any], binary: bytes, spec: TensorSpec, literals: bool
+) -> np.ndarray:
+    """The input's rows; ``literals``: the JSON has ``true``/``false`` somewhere."""
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if name != spec.name:
         raise BadRequest(f"unknown input {name!r}; the model's input is {spec.name!r}")
@@ -133,6 +138,10 @@ def _input_rows(tensor: dict[str, Any], binary: bytes, spec: TensorSpec) -> np.n
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise BadRequest(f"input {name!r}: shape must be a list of sizes, batch first")
+    if len(shape) > MAX_SAMPLE_DIMS + 1:
+        raise BadRequest(
+            f"input {name!r}: {len(shape)} dimensions; at most {MAX_SAMPLE_DIMS + 1} are served"
+        )
     if shape[0] < 1:
         raise InvalidInput(f"input {name!r}: the batch dimension is 0")
     count = math.prod(shape)
@@ -148,7 +157,7 @@ def _input_rows(tensor: dict[str, Any], binary: bytes, spec: TensorSpec) -> np.n
             )
         flat = np.frombuffer(binary, dtype=dtype, count=count)
     elif "data" in tensor:
-        if datatype != "BOOL" and _has_bool(tensor["data"]):
+        if datatype != "BOOL" and literals and has_bool(tensor["data"]):
             raise InvalidInput(f"input {name!r}: expected numbers ({datatype}), got booleans")
         flat = check_sample(tensor["data"], TensorSpec(name, datatype), f"input {name!r}")
         flat = flat.reshape(-1)
@@ -164,14 +173,21 @@ def _input_rows(tensor: dict[str, Any], binary: bytes, spec: TensorSpec) -> np.n
     return check_sample(rows, batch_spec, f"input {name!r}")
 
 
-def _has_bool(data: Any) -> bool:
-    if isinstance(data, bool):
-        return True
-    if isinstance(data, list) and data:
-        first = data[0]
-        if isinstance(first, list):
-            return any(_has_bool(item) for item in data)
-        return any(isinstance(item, bool) for item in data)
+def has_bool(data: Any) -> bool:
+    """Whether JSON numbers nested in lists hold a boolean (numpy would take it as 0/1).
+
+    A loop, not recursion: the nesting is the caller's, as deep as the JSON parser allows.
+    """
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            return True
+        if isinstance(item, list) and item:
+            if isinstance(item[0], list):
+                stack.extend(item)
+            elif any(isinstance(value, bool) for value in item):
+                return True
     return False
 
 

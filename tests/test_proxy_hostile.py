@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.fake_backend import (
+    SIGNATURE,
     Process,
     http,
     metric,
@@ -118,3 +119,44 @@ def test_a_body_that_never_finishes_is_408_and_a_hang_up_mid_body_is_no_error(
     text = http("GET", proxy.url + "/metrics")[2].decode()
     assert "internal_error" not in text
     assert metric(text, "nexus_proxy_requests_total") > 0
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        {"shape": [1, 4], "data": json.loads("[" * 950 + "1" + "]" * 950)},  # deep nesting
+        {"shape": [1] * 70, "data": [1.0]},  # more dimensions than numpy has
+    ],
+    ids=["deep-data", "70-dims"],
+)
+def test_hostile_v2_tensors_are_4xx_not_500(proxy, tensor) -> None:
+    document = {"inputs": [{"name": "features", "datatype": "FP32", **tensor}]}
+    status, _, body = http("POST", proxy.url + V2_INFER, document)
+    assert status in (400, 422), body
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_true_and_false_outside_the_input_are_not_booleans(proxy) -> None:
+    document = {"input": [1, 2, 3, 4], "note": "false alarm", "debug": True}
+    status, _, body = http("POST", proxy.url + "/predict", document)
+    assert status == 200, body
+    assert json.loads(body)["output"] == [2, 4, 6, 8]
+    status, _, body = http("POST", proxy.url + "/predict", {"input": [1, 2, True, 4]})
+    assert status == 422
+    assert "booleans" in json.loads(body)["error"]["message"]
+
+
+def test_without_a_signature_a_sample_of_64_dimensions_is_422(tmp_path, backend) -> None:
+    control(backend, model={"signature": None})
+    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url})
+    try:
+        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
+        deep = json.loads("[" * 64 + "1" + "]" * 64)
+        status, _, body = http("POST", proxy.url + "/predict", {"input": deep})
+        assert status == 422, body
+        assert "dimensions" in json.loads(body)["error"]["message"]
+        status, _, body = http("POST", proxy.url + "/predict", {"input": [[1.0, 2.0]]})
+        assert status == 200, body  # any shape is served without a signature
+    finally:
+        proxy.kill()
+        control(backend, model={"signature": SIGNATURE})
