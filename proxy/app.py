@@ -42,7 +42,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         error = error_for_status(exc.status_code, str(exc.detail))
-        return error_response(error, new_request_id(request.headers.get("x-request-id")))
+        response = error_response(error, new_request_id(request.headers.get("x-request-id")))
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -146,6 +146,13 @@ def test_true_and_false_outside_the_input_are_not_booleans(proxy) -> None:
     assert "booleans" in json.loads(body)["error"]["message"]
 
 
+def test_405_names_the_allowed_methods(proxy) -> None:
+    status, headers, body = http("GET", proxy.url + "/predict")
+    assert status == 405
+    assert "POST" in {k.lower(): v for k, v in headers.items()}["allow"]
+    assert json.loads(body)["error"]["code"] == "method_not_allowed"
+
+
 def test_without_a_signature_a_sample_of_64_dimensions_is_422(tmp_path, backend) -> None:
     control(backend, model={"signature": None})
     proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url})
