@@ -273,6 +273,8 @@ def _commit_hint(paths: list[Path], summary: str) -> None:
 
 
 def _parse_metrics(pairs: list[str]) -> dict[str, float]:
+    from nexus_cli.names import shown
+
     metrics = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -281,7 +283,9 @@ def _parse_metrics(pairs: list[str]) -> dict[str, float]:
                 raise ValueError
             metrics[name.strip()] = float(value)
         except ValueError:
-            raise UsageError(f"--metric {pair!r}: write it as name=number, like acc=0.93") from None
+            raise UsageError(
+                f"--metric {shown(pair)}: write it as name=number, like acc=0.93"
+            ) from None
     return metrics
 
 
@@ -291,10 +295,12 @@ DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w"
 
 def parse_duration(text: str) -> timedelta:
     """``30m``, ``12h``, ``1d``, ``2w`` as a ``timedelta``."""
+    from nexus_cli.names import shown
+
     match = DURATION_RE.fullmatch(text.strip())
     if not match:
         raise UsageError(
-            f"--older-than {text!r}: give a number and a unit (s, m, h, d, w), like 12h or 2w"
+            f"--older-than {shown(text)}: give a number and a unit (s, m, h, d, w), like 12h or 2w"
         )
     return timedelta(**{DURATION_UNITS[match.group(2)]: int(match.group(1))})
 

@@ -20,6 +20,12 @@ CONTROL_CHAR_RE = re.compile(
 )
 
 
+def shown(value: str, limit: int = 40) -> str:
+    """``value`` quoted for an error message, cut to ``limit`` characters: an error is one
+    line for a person, and the argument it quotes may be any length."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
 def refuse_control_chars(value: str, what: str) -> str:
     """Return ``value`` when it holds no control character, else raise ``UsageError``."""
     found = CONTROL_CHAR_RE.search(value)
@@ -34,10 +40,9 @@ def refuse_control_chars(value: str, what: str) -> str:
 def validate_model_name(name: str) -> str:
     """Return ``name`` when it is a valid model name, else raise ``InvalidNameError``."""
     if not MODEL_NAME_RE.fullmatch(name or ""):
-        shown = repr(name) if len(name or "") <= 40 else repr(name[:40] + "...")
         raise InvalidNameError(
-            f"invalid model name {shown}: use 1 to 128 characters from A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit"
+            f"invalid model name {shown(name or '')}: use 1 to 128 characters from "
+            "A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )
     return name
 
@@ -47,7 +52,7 @@ def validate_commit_prefix(prefix: str) -> str:
     lowered = prefix.strip().lower()
     if not COMMIT_PREFIX_RE.fullmatch(lowered):
         raise UsageError(
-            f"invalid commit {prefix!r}: give 4 to 40 hexadecimal characters of a commit hash"
+            f"invalid commit {shown(prefix)}: give 4 to 40 hexadecimal characters of a commit hash"
         )
     return lowered
 
@@ -88,5 +93,5 @@ def validate_storage_key(key: str) -> str:
         or "\0" in key
         or any(part in ("", ".", "..") for part in parts)
     ):
-        raise UsageError(f"invalid object key {key!r}")
+        raise UsageError(f"invalid object key {shown(key, 200)}")
     return key

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from nexus_cli.errors import UsageError
-from nexus_cli.names import refuse_control_chars
+from nexus_cli.names import refuse_control_chars, shown
 
 DATATYPES = (
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
@@ -70,6 +70,8 @@ def parse_signature_json(text: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"--signature is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise UsageError("--signature is nested too deeply to be a signature") from exc
     return validate_signature(value)
 
 
@@ -78,13 +80,14 @@ def signature_from_input_shape(dims: str, datatype: str = "FP32") -> dict:
     parts = [part.strip() for part in dims.replace("x", ",").split(",")]
     if not all(re.fullmatch(r"-1|[0-9]{1,19}", part) for part in parts):
         raise UsageError(
-            f"--input-shape {dims!r}: give the dimensions of one sample, like 8 or 3,224,224 "
+            f"--input-shape {shown(dims)}: give the dimensions of one sample, like 8 or 3,224,224 "
             "(positive integers or -1, separated by commas)"
         )
     shape = [int(part) for part in parts]
     if any(d == 0 or d > MAX_DIMENSION for d in shape):
         raise UsageError(
-            f"--input-shape {dims!r}: dimensions must be positive integers (at most 2**63-1) or -1"
+            f"--input-shape {shown(dims)}: dimensions must be positive integers "
+            "(at most 2**63-1) or -1"
         )
     return validate_signature(
         {

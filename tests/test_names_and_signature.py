@@ -117,3 +117,22 @@ def test_duplicate_tensor_names_are_refused() -> None:
         parse_signature_json(json.dumps({"inputs": [tensor, tensor], "outputs": []}))
     same_name_in_and_out = {"inputs": [tensor], "outputs": [tensor]}
     assert parse_signature_json(json.dumps(same_name_in_and_out))["outputs"][0]["name"] == "x"
+
+
+def test_a_signature_nested_past_the_parser_s_depth_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="--signature"):
+        parse_signature_json("[" * 60_000)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda text: signature_from_input_shape(text),
+        lambda text: validate_commit_prefix(text),
+    ],
+)
+def test_errors_quote_a_long_argument_shortened(call) -> None:
+    """An error is one line for a person: a 5,000-character argument is not echoed whole."""
+    with pytest.raises(UsageError) as caught:
+        call("9" * 5000 + "x")
+    assert len(str(caught.value)) < 300
