@@ -40,6 +40,9 @@ _RETRYABLE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # below uvicorn's default keep-alive (5 s), so the pool rarely reuses a connection the
 # server is closing
 _KEEPALIVE_S = 4.0
+# least time between two reads of one server's /v1/metadata prompted by its answers (a
+# pool of mixed commits behind one URL must not make every batch re-read it)
+_REFRESH_INTERVAL_S = 1.0
 
 
 class ModelServer:
@@ -59,8 +62,8 @@ class ModelServer:
         self._ready = False
         self.reason = "not checked yet"
         self.metadata: dict[str, Any] | None = None
-        self.commits: set[str] = set()
         self._refreshing: asyncio.Task | None = None
+        self._next_refresh = 0.0  # time.monotonic()
 
     # -- Upstream ------------------------------------------------------------------------
 
@@ -140,9 +143,10 @@ class ModelServer:
             raise BatchFailed(
                 UpstreamError(f"model server {self.url} answered an unusable body: {exc}")
             ) from exc
-        commit = model.get("commit_hash")
-        if commit not in self.commits:
-            self.refresh_soon()  # a reload: its signature and limits may have changed
+        if model.get("commit_hash") != (self.model or {}).get("commit_hash"):
+            # a reload (or a rollback to a commit served before): the signature and the
+            # limits may have changed
+            self.refresh_soon()
         return Reply(outputs, model)
 
     def _failure(self, status: int, raw: bytes, retry_after: str | None) -> BatchFailed:
@@ -210,6 +214,7 @@ class ModelServer:
 
     async def refresh(self) -> None:
         """Re-read ``/v1/metadata`` (signature, limits, commit)."""
+        self._next_refresh = time.monotonic() + _REFRESH_INTERVAL_S
         try:
             async with self._session.get(
                 f"{self.url}/v1/metadata", headers=self._headers, timeout=_PROBE_TIMEOUT
@@ -224,14 +229,18 @@ class ModelServer:
         if not isinstance(document, dict):
             return
         self.metadata = document
-        commit = (document.get("model") or {}).get("commit_hash")
-        if commit:
-            self.commits.add(commit)
         self._on_change()
 
     def refresh_soon(self) -> None:
+        """Re-read the metadata in the background: once at a time, at most once a second."""
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.get_running_loop().create_task(self.refresh())
+            delay = self._next_refresh - time.monotonic()
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_after(delay))
+
+    async def _refresh_after(self, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await self.refresh()
 
     async def close(self) -> None:
         if self._refreshing is not None:

@@ -153,6 +153,29 @@ def test_405_names_the_allowed_methods(proxy) -> None:
     assert json.loads(body)["error"]["code"] == "method_not_allowed"
 
 
+def test_a_rollback_to_a_commit_served_before_is_noticed(tmp_path, backend) -> None:
+    first, second = "a" * 40, "b" * 40
+    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url})
+    try:
+        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
+
+        def versions() -> list[str]:
+            return json.loads(http("GET", proxy.url + "/v2/models/doubler")[2])["versions"]
+
+        for commit in (second, first):  # a reload, then a rollback
+            control(backend, model={"commit_hash": commit})
+            assert http("POST", proxy.url + "/predict", {"input": [1, 2, 3, 4]})[0] == 200
+            wait_until(lambda commit=commit: versions() == [commit], 10, f"versions [{commit}]")
+        document = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4],
+                                "data": [1, 2, 3, 4]}]}  # fmt: skip
+        status, _, body = http("POST", f"{proxy.url}/v2/models/doubler/versions/{first}/infer",
+                               document)  # fmt: skip
+        assert status == 200, body
+    finally:
+        proxy.kill()
+        control(backend, model={"commit_hash": "a" * 40})
+
+
 def test_without_a_signature_a_sample_of_64_dimensions_is_422(tmp_path, backend) -> None:
     control(backend, model={"signature": None})
     proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url})
