@@ -198,6 +198,11 @@ def check_local_store_root(root: Path, meta_dir: Path) -> None:
             f"the local store path {root} is the git repository or holds it; "
             "choose a folder of its own, like .nexus/store"
         )
+    if ".git" in root.parts:
+        raise ConfigError(
+            f"the local store path {root} is inside a .git folder, which is git's own; "
+            "choose a folder of its own, like .nexus/store"
+        )
     inside = find_worktree_root(root)
     if inside is not None and (inside == root or holds_tracked_files(inside, root)):
         raise ConfigError(

@@ -297,6 +297,18 @@ def test_a_local_store_in_a_tracked_folder_is_refused(cli, repo: Repo) -> None:
     assert not (repo.path / "src" / ".gitignore").exists()
 
 
+@pytest.mark.parametrize("path", [".git", ".git/hooks"])
+def test_a_local_store_inside_the_git_folder_is_refused(cli, repo: Repo, path: str) -> None:
+    """git's own folder is no store: nexus wrote weights and a .gitignore into it."""
+    (repo.path / ".nexusrc").write_text(f'[storage]\npath = "{path}"\n')
+    repo.commit_all("bad config")
+    result = cli("store", repo.write_weights("m.pt", V1), "prod_model", "--json")
+    assert result.exit_code == 2
+    assert ".git" in result.json["error"]["message"]
+    assert not (repo.path / path / "prod_model").exists()
+    assert not (repo.path / path / ".gitignore").exists()
+
+
 # errors that tell the truth ------------------------------------------------------------------
 
 
