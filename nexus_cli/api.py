@@ -69,6 +69,8 @@ META_FILENAME = ".nexus_meta.json"
 CONFIG_FILENAME = ".nexusrc"
 GITATTRIBUTES_FILENAME = ".gitattributes"
 MAX_GITATTRIBUTES_BYTES = 1024 * 1024
+#: the oldest `nexus gc --older-than` may reach back
+MAX_GC_AGE = timedelta(days=36525)
 MERGE_DRIVER_NAME = "nexus-meta"
 #: the one command that enables the merge driver `nexus init` declares in .gitattributes
 MERGE_DRIVER_SETUP = f'git config merge.{MERGE_DRIVER_NAME}.driver "nexus merge-driver %O %A %B"'
@@ -598,8 +600,10 @@ class Project:
         ``.incomplete`` files) is touched, never a stored version: other branches'
         metadata may name any object, so complete objects are never collected.
         """
-        if older_than < timedelta(0):
-            raise UsageError("the age for gc must not be negative")
+        if not timedelta(0) <= older_than <= MAX_GC_AGE:  # a cutoff before year 1 overflows
+            raise UsageError(
+                f"the age for gc must be between 0 and 100 years, not {older_than.days} days"
+            )
         store = self.store_backend
         found = list(store.leftovers(older_than))
         if not dry_run:
