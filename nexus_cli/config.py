@@ -180,7 +180,7 @@ def load_config(
             f"{path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; that is not a .nexusrc"
         )
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a BOM, as Windows editors write, is read past
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text") from exc
     return resolve_config(parse_config(text, str(path)), environ)

@@ -316,7 +316,7 @@ def parse_json(data: bytes, source: str) -> Any:
     """Parse untrusted JSON bytes; every way it can be wrong is a ``MetadataError``."""
     try:
         return json.loads(
-            data.decode("utf-8"),
+            data.decode("utf-8-sig"),  # a BOM, as Windows editors write, is read past
             object_pairs_hook=_refuse_duplicate_keys,
             parse_int=_parse_int,
             parse_constant=_refuse_constant,

@@ -114,3 +114,10 @@ def test_valid_bucket_names_pass(provider: str, bucket: str) -> None:
 def test_a_named_config_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "typo.nexusrc", environ={}, must_exist=True)
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+    """Windows editors save UTF-8 with a BOM; tomllib called it an invalid statement."""
+    path = tmp_path / ".nexusrc"
+    path.write_bytes('\ufeff[storage]\nprovider = "s3"\nbucket = "models"\n'.encode())
+    assert load_config(path, environ={}).bucket == "models"

@@ -124,3 +124,10 @@ def test_a_metadata_link_to_something_else_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="character device"):
         Metadata().write(link)
     assert link.is_symlink()
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+    """Windows editors save UTF-8 with a BOM; the registry is still the registry."""
+    path = tmp_path / ".nexus_meta.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"schema_version": 1, "models": {}}).encode())
+    assert Metadata.read(path).models == {}
