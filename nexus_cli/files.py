@@ -137,7 +137,8 @@ def make_ignored_dir(directory: Path) -> None:
 def _lock_error(lock_path: Path, exc: OSError) -> UsageError:
     return UsageError(
         f"cannot take the lock {lock_path} ({exc.strerror}: {exc.filename or lock_path})",
-        hint=f"{lock_path.parent} must be a folder this user can write",
+        hint=f"{lock_path.parent} must be a folder this user can write, and the lock in it "
+        "a plain file (or absent): remove whatever else is there",
     )
 
 
