@@ -161,6 +161,11 @@ class CostModel:
         return a, mean_t - a * mean_n
 
 
+def _margin(cost: float) -> float:
+    """Slack kept before a deadline or a busy device: encoding, the hop, decoding, noise."""
+    return 0.002 + 0.1 * cost
+
+
 @dataclass
 class _Flight:
     """A batch on its way: when it left and what it is predicted to cost."""
@@ -369,19 +374,28 @@ class Batcher:
         # the upstream is busy until its running batch ends; ours would only wait there
         busy_until = min(f.started + f.predicted for f in flights.values())
         cost = self.cost.predict(min(samples + 1, limit))
-        margin = 0.002 + 0.1 * cost  # time to encode, send and decode before the device frees
+        margin = _margin(cost)  # time to encode, send and decode before the device frees
         hold = min(oldest + self.max_wait_s, busy_until - margin)
         if earliest_deadline is not None and self.cost.known:
             hold = min(hold, earliest_deadline - cost - margin)
         return hold
 
     def _take(self, upstream: Upstream, now: float) -> list[Request]:
-        """Pop the head batch for ``upstream``: FIFO, within its sample and byte limits."""
+        """Pop the head batch for ``upstream``: FIFO, within its sample and byte limits.
+
+        With a learnt cost, the batch also stops growing before it would finish after the
+        deadline of any request in it (a late arrival must not make an earlier caller with
+        a tight deadline miss it), and a request that would be late even alone is shed,
+        unless the upstream is idle: then it goes anyway, since trying costs nobody
+        anything and a finished batch is the only thing that corrects a stale cost.
+        """
         limit = self._limit(upstream)
         byte_limit = upstream.max_body_bytes - _ENVELOPE_BYTES
-        shed_after = self.cost.predict(limit) if self.cost.known else 0.0
+        predictable = self.cost.known
+        may_shed = predictable and bool(self._flights[id(upstream)])
         batch: list[Request] = []
         samples = size = 0
+        deadline = float("inf")  # the earliest deadline in the batch
         queue = self._queue
         while queue:
             request = queue[0]
@@ -391,6 +405,10 @@ class Batcher:
                 continue
             if batch and (samples + request.n > limit or size + request.nbytes > byte_limit):
                 break
+            if batch and predictable:
+                cost = self.cost.predict(samples + request.n)
+                if now + cost + _margin(cost) > min(deadline, request.deadline):
+                    break  # it goes in the next batch, which leaves sooner than this grows
             queue.popleft()
             self._queued_bytes -= request.nbytes
             if request.n > upstream.max_batch_size or request.nbytes > byte_limit:
@@ -402,7 +420,7 @@ class Batcher:
                     )
                 )
                 continue
-            if shed_after and now + self.cost.predict(samples + request.n) > request.deadline:
+            if may_shed and now + self.cost.predict(request.n) > request.deadline:
                 request.future.set_exception(
                     GatewayTimeout("the request would finish after its deadline; shed")
                 )
@@ -410,6 +428,7 @@ class Batcher:
             batch.append(request)
             samples += request.n
             size += request.nbytes
+            deadline = min(deadline, request.deadline)
             if samples >= limit or request.n > self.max_batch_size:
                 break
         return batch

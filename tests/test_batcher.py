@@ -342,16 +342,63 @@ def test_batches_respect_the_upstream_byte_limit() -> None:
 
 def test_requests_predicted_to_miss_their_deadline_are_shed() -> None:
     async def main():
-        fake = FakeUpstream(max_concurrency=1)
+        fake = FakeUpstream(max_concurrency=2)
+        gate = fake.hold_first = asyncio.Event()
         batcher = await started([fake])
         for n in (1, 2, 4, 8):
             batcher.cost.observe(n, 5.0 * n)  # learnt: a batch costs seconds
+        busy = asyncio.ensure_future(batcher.submit(part(0), 1, 30))
+        await asyncio.sleep(0.02)  # in flight: the upstream is not idle
         with pytest.raises(GatewayTimeout, match="shed"):
             await batcher.submit(part(1), 1, 1.0)
+        gate.set()
+        await busy
         await batcher.stop()
         return fake
 
-    assert not run(main()).batches  # never sent
+    assert [b for b in run(main()).batches if 1.0 in b] == []  # never sent
+
+
+def test_a_stale_cost_does_not_shed_forever() -> None:
+    """A model that was slow once and is fast again: requests with deadlines shorter than
+    the old cost are served (an idle upstream is tried), and the cost is learnt anew."""
+
+    async def main():
+        fake = FakeUpstream(max_concurrency=1)
+        batcher = await started([fake])
+        for n in (1, 2, 4):
+            batcher.cost.observe(n, 0.5 * n)  # what it learnt while the model was slow
+        replies = [await batcher.submit(part(i), 1, 0.2) for i in range(8)]
+        await batcher.stop()
+        return replies, batcher.cost
+
+    replies, cost = run(main())
+    assert [r.outputs for r in replies] == [[2 * i] for i in range(8)]
+    assert cost.predict(1) < 0.5
+
+
+def test_a_late_arrival_does_not_push_an_earlier_caller_past_its_deadline() -> None:
+    async def main():
+        fake = FakeUpstream(max_concurrency=1, delay=0.005, per_sample=0.02)
+        gate = fake.hold_first = asyncio.Event()
+        batcher = await started([fake], max_batch_size=32)
+        for n in (1, 8, 32):
+            batcher.cost.observe(n, 0.005 + 0.02 * n)  # learnt: batch-32 takes 0.645 s
+        busy = asyncio.ensure_future(batcher.submit(part(100), 1, 30))
+        await asyncio.sleep(0.02)  # the upstream's only slot is busy: the rest queue up
+        tight = asyncio.ensure_future(batcher.submit(part(0), 1, 0.5))
+        relaxed = [asyncio.ensure_future(batcher.submit(part(i), 1, 30)) for i in range(1, 32)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        reply = await tight  # in a batch small enough to finish within its 0.5 s
+        others = await asyncio.gather(busy, *relaxed)
+        await batcher.stop()
+        return reply, others, fake
+
+    reply, others, fake = run(main())
+    assert reply.outputs == [0]
+    assert [r.outputs for r in others] == [[200]] + [[2 * i] for i in range(1, 32)]
+    assert len(fake.batches[1]) < 32
 
 
 def test_draining_refuses_new_requests_and_finishes_the_rest() -> None:
