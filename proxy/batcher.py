@@ -198,6 +198,7 @@ class Batcher:
         self._observer = observer
         self._queue: deque[Request] = deque()
         self._queued_bytes = 0
+        self._left = 0  # callers that left while queued, since the last purge (at least)
         self._flights: dict[int, dict[int, _Flight]] = {id(u): {} for u in self.upstreams}
         self._flight_ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
@@ -277,9 +278,11 @@ class Batcher:
                 f"{n} samples in one request; the model server takes at most "
                 f"{self.largest_batch()} per batch"
             )
+        if self._full(len(part)) and self._left:
+            self._purge()  # callers that left still hold their places until purged
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests)", retry_after=1)
-        if self._queued_bytes + len(part) > self.max_queue_bytes:
+        if self._full(len(part)):
             raise QueueFull(
                 f"the queue is full ({self.max_queue_bytes} bytes waiting)", retry_after=1
             )
@@ -293,7 +296,23 @@ class Batcher:
             async with asyncio.timeout(timeout):
                 return await request.future
         except TimeoutError:
+            self._left += 1
             raise GatewayTimeout(f"no answer within {timeout:g} s") from None
+        except asyncio.CancelledError:
+            self._left += 1
+            raise
+
+    def _full(self, size: int) -> bool:
+        return (
+            len(self._queue) >= self.max_queue
+            or self._queued_bytes + size + 1 > self.max_queue_bytes
+        )
+
+    def _purge(self) -> None:
+        """Forget queued requests whose callers left (timed out, hung up)."""
+        self._queue = deque(r for r in self._queue if not r.future.done())
+        self._queued_bytes = sum(r.nbytes for r in self._queue)
+        self._left = 0
 
     # -- dispatch ----------------------------------------------------------------------
 

@@ -401,6 +401,32 @@ def test_a_late_arrival_does_not_push_an_earlier_caller_past_its_deadline() -> N
     assert len(fake.batches[1]) < 32
 
 
+def test_callers_that_left_do_not_hold_queue_places() -> None:
+    async def main():
+        fake = FakeUpstream(max_concurrency=1)
+        fake.gate = asyncio.Event()
+        batcher = await started([fake], max_batch_size=1, max_queue=4)
+        busy = asyncio.ensure_future(batcher.submit(part(0), 1, 30))
+        await asyncio.sleep(0.02)
+        leaving = [asyncio.ensure_future(batcher.submit(part(i), 1, 30)) for i in (1, 2, 3)]
+        with pytest.raises(GatewayTimeout):
+            await batcher.submit(part(4), 1, 0.05)  # the fourth place, then gone
+        await asyncio.sleep(0.01)
+        for caller in leaving:
+            caller.cancel()  # hung up
+        await asyncio.sleep(0.01)
+        staying = [asyncio.ensure_future(batcher.submit(part(i), 1, 30)) for i in (5, 6, 7, 8)]
+        await asyncio.sleep(0.01)
+        fake.gate.set()
+        replies = await asyncio.gather(busy, *staying)
+        await batcher.stop()
+        return replies, fake
+
+    replies, fake = run(main())
+    assert [r.outputs for r in replies] == [[0], [10], [12], [14], [16]]
+    assert sorted(b[0] for b in fake.batches) == [0, 5, 6, 7, 8]
+
+
 def test_draining_refuses_new_requests_and_finishes_the_rest() -> None:
     async def main():
         fake = FakeUpstream(max_concurrency=1, delay=0.05)
