@@ -146,6 +146,18 @@ class LoadedModel:
         return output.detach().cpu().numpy()
 
 
+#: what a factory's module or call may raise, sys.exit() and argparse included: a failed load,
+#: never the end of the process (a SystemExit in the loading thread would stop the server)
+_FATAL_IN_USER_CODE = (Exception, SystemExit, KeyboardInterrupt)
+
+
+def _failure(exc: BaseException) -> str:
+    """How user code failed, in words (``it exited with status 2`` for a ``sys.exit(2)``)."""
+    if isinstance(exc, SystemExit):
+        return f"it exited with status {exc.code!r} (sys.exit, or argparse run on import?)"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -161,7 +173,7 @@ def _timed(step: str, report: StepReporter) -> Iterator[dict]:
     except LoadError as exc:
         report(step, False, exc.message, time.perf_counter() - started)
         raise
-    except Exception as exc:  # a failure nobody foresaw still fails only this step
+    except _FATAL_IN_USER_CODE as exc:  # a failure nobody foresaw still fails only this step
         log.exception("%s: unexpected failure", step)
         message = f"unexpected {type(exc).__name__}: {_first_line(exc)}"
         report(step, False, message, time.perf_counter() - started)
@@ -258,10 +270,13 @@ def import_factory(spec: str | None, fmt: str) -> Callable[[], Any]:
         sys.path.insert(0, cwd)
     try:
         target: Any = importlib.import_module(module_name)
+    except _FATAL_IN_USER_CODE as exc:
+        raise LoadError(
+            "load", f"NEXUS_MODEL_FACTORY={spec}: cannot import {module_name}: {_failure(exc)}"
+        ) from exc
+    try:
         for part in attribute.split("."):
             target = getattr(target, part)
-    except ImportError as exc:
-        raise LoadError("load", f"NEXUS_MODEL_FACTORY={spec}: cannot import: {exc}") from exc
     except AttributeError:
         raise LoadError(
             "load", f"NEXUS_MODEL_FACTORY={spec}: {module_name} has no {attribute}"
@@ -294,32 +309,36 @@ def build_with_weights(
     try:
         with torch.device("meta"):
             module = factory()
-    except Exception:  # noqa: BLE001 - any failure here means: build it for real below
+    except _FATAL_IN_USER_CODE:  # any failure here means: build it for real below
         module = None
-    try:
-        if isinstance(module, torch.nn.Module):
+    if isinstance(module, torch.nn.Module):
+        try:
             module.load_state_dict(weights, strict=True, assign=True)
+        except Exception:  # noqa: BLE001 - the real build below says what does not fit
+            module = None
+        else:
             if _has_meta_tensors(module):
                 module = None
-        if not isinstance(module, torch.nn.Module):
+    if not isinstance(module, torch.nn.Module):
+        try:
             module = factory()
-            if not isinstance(module, torch.nn.Module):
-                raise LoadError(
-                    "load",
-                    f"NEXUS_MODEL_FACTORY={factory_spec} returned {type(module).__name__}, "
-                    "not a torch.nn.Module",
-                )
+        except _FATAL_IN_USER_CODE as exc:
+            raise LoadError(
+                "load", f"NEXUS_MODEL_FACTORY={factory_spec} failed: {_failure(exc)}"
+            ) from exc
+        if not isinstance(module, torch.nn.Module):
+            raise LoadError(
+                "load",
+                f"NEXUS_MODEL_FACTORY={factory_spec} returned {type(module).__name__}, "
+                "not a torch.nn.Module",
+            )
+        try:
             module.load_state_dict(weights, strict=True)
-    except LoadError:
-        raise
-    except RuntimeError as exc:
-        raise LoadError(
-            "load", f"the weights do not fit NEXUS_MODEL_FACTORY={factory_spec}: {_first_line(exc)}"
-        ) from exc
-    except Exception as exc:
-        raise LoadError(
-            "load", f"NEXUS_MODEL_FACTORY={factory_spec} failed: {_first_line(exc)}"
-        ) from exc
+        except Exception as exc:
+            raise LoadError(
+                "load",
+                f"the weights do not fit NEXUS_MODEL_FACTORY={factory_spec}: {_first_line(exc)}",
+            ) from exc
     return module.to(device).eval()
 
 

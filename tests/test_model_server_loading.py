@@ -103,3 +103,32 @@ def test_cuda_where_there_is_none() -> None:
     with pytest.raises(LoadError, match="CUDA is not available"):
         resolve_device("cuda:1")
     assert resolve_device("auto") == CPU
+
+
+FACTORY_MODULES = {
+    # a training script imported for its model class: argparse runs and exits on import
+    "exits_on_import": ("import sys\nsys.exit(3)\n", "cannot import exits_on_import: it exited"),
+    "exits_in_call": ("import sys\ndef build():\n    sys.exit(4)\n", "failed: it exited"),
+    "interrupts": ("def build():\n    raise KeyboardInterrupt\n", "failed: KeyboardInterrupt"),
+    "raises": ("def build():\n    raise RuntimeError('boom')\n", "failed: RuntimeError: boom"),
+    "syntax_error": ("def build(:\n", "cannot import syntax_error: SyntaxError"),
+    "not_callable": ("build = 42\n", "is not callable"),
+    "returns_junk": ("def build():\n    return 'a string'\n", "returned str, not a torch.nn"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORY_MODULES))
+def test_a_hostile_factory_is_a_load_error_never_the_end_of_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """What a factory's module does on import or call (sys.exit, KeyboardInterrupt, an
+    error) fails the load with a message that says what happened: a SystemExit escaping
+    the loading thread stopped the whole server."""
+    source, message = FACTORY_MODULES[name]
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    weights = build_model().state_dict()
+    with pytest.raises(LoadError, match=message) as caught:
+        build_with_weights(f"{name}:build", "state_dict", weights, CPU)
+    assert f"NEXUS_MODEL_FACTORY={name}:build" in caught.value.message
+    sys.modules.pop(name, None)
