@@ -101,6 +101,10 @@ def test_gc_on_s3_aborts_only_old_multipart_uploads(
         ("multipart_upload", killed, upload["UploadId"])
     ]
     assert len(s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) == 1
+    human = run_nexus("gc", "--older-than", "1s", "--dry-run", cwd=repo.path, env=env)
+    assert human.exit_code == 0, human.stderr
+    assert killed in human.stdout
+    assert "100 B" in human.stdout
 
     done = run_nexus("gc", "--older-than", "1s", "--json", cwd=repo.path, env=env)
     assert json.loads(done.stdout)["count"] == 1
