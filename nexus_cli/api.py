@@ -326,9 +326,6 @@ class Project:
         signature = validate_signature(signature) if signature is not None else None
         source = Path(file)
         _check_readable_file(source)
-        # before the upload: a registry that cannot be written could not record it
-        check_link_in_worktree(self.meta_path)
-        prepare_lock(lock_path(self.meta_path))
 
         from nexus_cli.formats import detect_format
 
@@ -345,6 +342,9 @@ class Project:
                     hint="commit or stash them so the weights match a commit, or use --allow-dirty",
                 )
 
+        # before the upload: a registry that cannot be written could not record it
+        check_link_in_worktree(self.meta_path)
+        prepare_lock(lock_path(self.meta_path))
         file_format = detect_format(source)  # before the upload: nothing fails after it
         key = storage_key(model_name, commit, file_extension(source.name))
         before = self.metadata()
