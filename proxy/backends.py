@@ -40,6 +40,9 @@ _RETRYABLE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # below uvicorn's default keep-alive (5 s), so the pool rarely reuses a connection the
 # server is closing
 _KEEPALIVE_S = 4.0
+# connections per model server for batches; the most batches in flight to one server is
+# capped here too, so the batcher's queue (which batches) holds the rest, not the pool
+_POOL_PER_HOST = 64
 # least time between two reads of one server's /v1/metadata prompted by its answers (a
 # pool of mixed commits behind one URL must not make every batch re-read it)
 _REFRESH_INTERVAL_S = 1.0
@@ -49,11 +52,19 @@ class ModelServer:
     """One model server: its URL, whether it is ready, its limits and model."""
 
     def __init__(
-        self, url: str, session: aiohttp.ClientSession, token: str | None, on_change: Callable
+        self,
+        url: str,
+        session: aiohttp.ClientSession,
+        token: str | None,
+        on_change: Callable,
+        probe_session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.url = url
         self.name = url
         self._session = session
+        # readiness and metadata on connections of their own: behind a pool full of slow
+        # batches a probe timed out and a busy server was taken for a dead one
+        self._probe_session = probe_session or session
         self._headers = {"Content-Type": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -78,7 +89,7 @@ class ModelServer:
 
     @property
     def max_concurrency(self) -> int:
-        return self._limit("max_concurrency")
+        return min(self._limit("max_concurrency"), _POOL_PER_HOST)
 
     @property
     def max_batch_size(self) -> int:
@@ -198,7 +209,9 @@ class ModelServer:
     async def check(self) -> None:
         """Probe ``/readyz``; read ``/v1/metadata`` when ready and not yet known."""
         try:
-            async with self._session.get(f"{self.url}/readyz", timeout=_PROBE_TIMEOUT) as resp:
+            async with self._probe_session.get(
+                f"{self.url}/readyz", timeout=_PROBE_TIMEOUT
+            ) as resp:
                 body = await resp.read()
                 ready = resp.status == 200
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -216,7 +229,7 @@ class ModelServer:
         """Re-read ``/v1/metadata`` (signature, limits, commit)."""
         self._next_refresh = time.monotonic() + _REFRESH_INTERVAL_S
         try:
-            async with self._session.get(
+            async with self._probe_session.get(
                 f"{self.url}/v1/metadata", headers=self._headers, timeout=_PROBE_TIMEOUT
             ) as resp:
                 if resp.status != 200:
@@ -264,20 +277,16 @@ class ModelServers:
         self._interval = health_interval_s
         self._on_change = on_change
         self._session: aiohttp.ClientSession | None = None
+        self._probe_session: aiohttp.ClientSession | None = None
         self._loop_task: asyncio.Task | None = None
         self.servers: list[ModelServer] = []
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=64, keepalive_timeout=_KEEPALIVE_S, ttl_dns_cache=60
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            json_serialize=lambda obj: orjson.dumps(obj).decode(),
-            skip_auto_headers=("User-Agent",),
-        )
+        self._session = _session(_POOL_PER_HOST)
+        self._probe_session = _session(2)
         self.servers = [
-            ModelServer(url, self._session, self._token, self._changed) for url in self._urls
+            ModelServer(url, self._session, self._token, self._changed, self._probe_session)
+            for url in self._urls
         ]
         await self.check_all()
         self._loop_task = asyncio.get_running_loop().create_task(self._health_loop())
@@ -288,8 +297,9 @@ class ModelServers:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         for server in self.servers:
             await server.close()
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
 
     async def check_all(self) -> None:
         await asyncio.gather(*(server.check() for server in self.servers))
@@ -318,6 +328,13 @@ class ModelServers:
 
     def reasons(self) -> dict[str, str]:
         return {s.url: "ready" if s.ready else s.reason for s in self.servers}
+
+
+def _session(per_host: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=per_host, keepalive_timeout=_KEEPALIVE_S, ttl_dns_cache=60
+    )
+    return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
 
 
 def _error_fields(raw: bytes, status: int) -> tuple[str, str | None, str | None]:

@@ -7,11 +7,13 @@ server that rolls back to a commit it served before. Each case broke something o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 import time
 
+import aiohttp
 import pytest
 
 from tests.fake_backend import (
@@ -190,3 +192,42 @@ def test_without_a_signature_a_sample_of_64_dimensions_is_422(tmp_path, backend)
     finally:
         proxy.kill()
         control(backend, model={"signature": SIGNATURE})
+
+
+def test_a_server_busy_with_many_slow_batches_stays_ready(tmp_path) -> None:
+    """A server that takes 100 batches at once, each slow: the proxy caps its batches at
+    its pool (64) and probes readiness on connections of its own, so the busy server is
+    not taken for a dead one (the probe used to wait behind the batches and time out)."""
+    backend = start_fake_backend(tmp_path)
+    control(backend, limits={"max_concurrency": 100}, delay=7.0)
+    proxy = start_proxy(
+        tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url, "NEXUS_MAX_BATCH_SIZE": "1"}
+    )
+    try:
+        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
+
+        async def load() -> list[int]:
+            connector = aiohttp.TCPConnector(limit=100)
+            async with aiohttp.ClientSession(connector=connector) as session:
+
+                async def one(i: int) -> int:
+                    document = {"input": [i, 1, 1, 1]}
+                    async with session.post(proxy.url + "/predict", json=document) as response:
+                        return response.status
+
+                return await asyncio.gather(*(one(i) for i in range(80)))
+
+        statuses: list[int] = []
+        caller = threading.Thread(target=lambda: statuses.extend(asyncio.run(load())))
+        caller.start()
+        begin, answers = time.monotonic(), []
+        while time.monotonic() - begin < 8:
+            answers.append(http("GET", proxy.url + "/readyz")[0])
+            time.sleep(0.1)
+        caller.join(30)
+        assert set(answers) == {200}
+        assert set(statuses) == {200}
+        assert stats(backend)["most_running"] <= 64
+    finally:
+        proxy.kill()
+        backend.kill()
