@@ -23,7 +23,6 @@ from fastapi.responses import JSONResponse, Response
 from nexus_cli import __version__
 from nexus_cli.serving import (
     InvalidInput,
-    PayloadTooLarge,
     ServingError,
     Unauthorized,
     Unavailable,
@@ -33,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model_server.body import BUDGET_BODIES, BodyBudget, read_body
 from model_server.codec import check_outputs, decode_batch, encode_outputs
 from model_server.loading import LOADERS
 from model_server.manager import ModelManager
@@ -80,23 +80,6 @@ def _error_response(error: ServingError, metrics: Metrics | None = None) -> JSON
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes.
-
-    ``Content-Length`` is checked first, but counted bytes decide: a chunked body (or
-    one that lies about its length) is cut off at the limit, never read whole.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes")
-    received = bytearray()
-    async for chunk in request.stream():
-        received += chunk
-        if len(received) > limit:
-            raise PayloadTooLarge(f"the body passed the limit of {limit} bytes")
-    return bytes(received)
-
-
 def _require_json(request: Request) -> None:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
@@ -110,6 +93,8 @@ def _require_json(request: Request) -> None:
 def create_app(settings: Settings) -> FastAPI:
     """The model server's app; the model loads in the background once it starts."""
     metrics = Metrics()
+    budget = BodyBudget(BUDGET_BODIES * settings.max_body_bytes)
+    big_decodes = asyncio.Semaphore(1)  # parsing holds the GIL: one at a time is as fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -254,25 +239,28 @@ def create_app(settings: Settings) -> FastAPI:
             raise Unavailable(
                 f"no model is serving yet: {manager_of(request).reason}", retry_after=5
             )
-        reading = time.perf_counter()
-        body = await read_body(request, settings.max_body_bytes)
-        started = time.perf_counter()
-        if len(body) <= INLINE_BYTES:
-            batch = decode_batch(body, model.input_spec, settings.max_batch)
-        else:
-            batch = await run_in_threadpool(
-                decode_batch, body, model.input_spec, settings.max_batch
-            )
-        decoded = time.perf_counter()
-        ran = await request.app.state.runner.run(model, [g.array for g in batch.groups])
-        returned = time.perf_counter()
-        check_outputs(batch, ran.outputs)
-        tag = {"name": model.name, "commit_hash": model.commit_hash}
-        if batch.count * ran.outputs[0][0].size <= INLINE_OUTPUTS:
-            content = encode_outputs(batch, ran.outputs, tag)
-        else:
-            content = await run_in_threadpool(encode_outputs, batch, ran.outputs, tag)
-        encoded = time.perf_counter()
+        async with budget.hold() as share:  # held until the answer is written
+            reading = time.perf_counter()
+            body = await read_body(request, settings.max_body_bytes, share, settings.body_timeout_s)
+            started = time.perf_counter()
+            if len(body) <= INLINE_BYTES:
+                batch = decode_batch(body, model.input_spec, settings.max_batch)
+            else:
+                async with big_decodes:
+                    batch = await run_in_threadpool(
+                        decode_batch, body, model.input_spec, settings.max_batch
+                    )
+            del body
+            decoded = time.perf_counter()
+            ran = await request.app.state.runner.run(model, [g.array for g in batch.groups])
+            returned = time.perf_counter()
+            check_outputs(batch, ran.outputs)
+            tag = {"name": model.name, "commit_hash": model.commit_hash}
+            if batch.count * ran.outputs[0][0].size <= INLINE_OUTPUTS:
+                content = encode_outputs(batch, ran.outputs, tag)
+            else:
+                content = await run_in_threadpool(encode_outputs, batch, ran.outputs, tag)
+            encoded = time.perf_counter()
         metrics.decode_seconds.observe(decoded - started)
         metrics.encode_seconds.observe(encoded - returned)
         timing = {

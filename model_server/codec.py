@@ -8,6 +8,7 @@ Encoding hands numpy arrays straight to orjson, which writes them in C.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +20,13 @@ from nexus_cli.serving import (
     PayloadTooLarge,
     TensorSpec,
     check_sample,
+    format_shape,
     shape_matches,
 )
 
 _LITERALS = (b"true", b"false", b"null")
+#: commas allowed outside the samples (other keys a client sends along)
+_SPARE_COMMAS = 4096
 _MAX_DEPTH = 32
 
 
@@ -60,6 +64,7 @@ def decode_batch(body: bytes, spec: TensorSpec, max_batch: int) -> Batch:
 
     ``InvalidInput`` (422) names the first bad sample and what is wrong with it.
     """
+    _refuse_more_numbers_than_fit(body, spec, max_batch)
     inputs = parse_body(body)
     count = len(inputs)
     if count == 0:
@@ -78,6 +83,26 @@ def decode_batch(body: bytes, spec: TensorSpec, max_batch: int) -> Batch:
     if whole is not None:
         return Batch(count, [Group(whole)])
     return Batch(count, _grouped(inputs, spec))
+
+
+def _refuse_more_numbers_than_fit(body: bytes, spec: TensorSpec, max_batch: int) -> None:
+    """413 before parsing a body that holds more numbers than ``max_batch`` samples can.
+
+    Parsing builds a Python object per number: ``[0,0,0,...]`` costs ~15 times its size
+    in memory and holds the GIL for a second per 60 MiB. When the sample shape is fully
+    known, the commas are counted first (at memchr speed): ``max_batch`` samples of P
+    numbers hold fewer than ``max_batch * (2 * P + 1)`` commas, however they are nested.
+    """
+    if spec.shape is None or any(d < 0 for d in spec.shape):
+        return
+    per_sample = math.prod(spec.shape)
+    most = max_batch * (2 * per_sample + 1) + _SPARE_COMMAS
+    if len(body) > most and body.count(b",") > most:
+        raise PayloadTooLarge(
+            f"inputs: the body holds more numbers than {max_batch} samples of shape "
+            f"{format_shape(spec.shape)} can (NEXUS_SERVER_MAX_BATCH)",
+            code="batch_too_large",
+        )
 
 
 def _may_hold_literals(body: bytes) -> bool:

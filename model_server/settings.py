@@ -39,6 +39,7 @@ class Settings:
     queue_size: int
     concurrency: int
     max_body_bytes: int
+    body_timeout_s: float
     api_token: str | None = field(repr=False)  # never in a log line
     host: str
     port: int
@@ -89,6 +90,7 @@ class Settings:
             queue_size=_int(env, "NEXUS_SERVER_QUEUE", 256, minimum=1),
             concurrency=_int(env, "NEXUS_SERVER_CONCURRENCY", 2, minimum=1),
             max_body_bytes=_int(env, "NEXUS_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024),
+            body_timeout_s=_seconds(env, "NEXUS_BODY_TIMEOUT_S", 60.0),
             api_token=env.get("NEXUS_API_TOKEN") or None,
             host=host,
             port=_int(env, "NEXUS_PORT", 8000, minimum=0, maximum=65535),
@@ -109,4 +111,17 @@ def _int(
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
         raise SettingsError(f"{name}={value} is out of range: give a number {bound}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
+    if not 0.001 <= value <= 86_400:  # also refuses nan and inf
+        raise SettingsError(f"{name}={raw} is out of range: give seconds between 0.001 and 86400")
     return value

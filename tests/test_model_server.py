@@ -5,6 +5,8 @@ a token, small limits so that the limits are cheap to hit)."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_BODY = 64 * 1024
 MAX_BATCH = 64
+BODY_TIMEOUT_S = 2
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,7 @@ def server(
         "NEXUS_API_TOKEN": TOKEN,
         "NEXUS_MAX_BODY_BYTES": str(MAX_BODY),
         "NEXUS_SERVER_MAX_BATCH": str(MAX_BATCH),
+        "NEXUS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
     }
     with ModelServerProcess(env, repo, log=tmp_path_factory.mktemp("log") / "server.log") as proc:
         proc.wait_ready()
@@ -212,6 +216,62 @@ def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:
     small = client.post("/predict/batch", content=chunks(200), headers=headers)
     assert small.status_code == 200, small.text
     assert len(small.json()["outputs"]) == 13
+
+
+def start_trickle(server: ModelServerProcess, declared: int, first: bytes) -> socket.socket:
+    """A client that declares a body of ``declared`` bytes, sends ``first`` and stalls."""
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    head = (
+        f"POST /predict/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+    )
+    connection.sendall(head.encode() + first)
+    return connection
+
+
+def answer_of(connection: socket.socket) -> tuple[int, dict]:
+    received = b""
+    while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+        piece = connection.recv(65536)
+        if not piece:
+            break
+        received += piece
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_stalled_body_times_out_with_408(server: ModelServerProcess) -> None:
+    """A client that sends part of its body and stops (slowloris) is answered 408 once
+    NEXUS_BODY_TIMEOUT_S has passed, instead of holding its connection forever."""
+    with start_trickle(server, 1000, b'{"inputs": [[1, 2') as stalled:
+        status, document = answer_of(stalled)
+    assert status == 408, document
+    assert document["error"]["code"] == "request_timeout"
+    assert "NEXUS_BODY_TIMEOUT_S" in document["error"]["message"]
+
+
+def test_bodies_in_flight_share_a_bounded_budget(
+    server: ModelServerProcess, client: httpx.Client
+) -> None:
+    """Bodies held at once are bounded (4 x NEXUS_MAX_BODY_BYTES): past that, 503 with
+    Retry-After, and the bytes are given back when those requests end."""
+    almost_whole = MAX_BODY - 100
+    stalled = [start_trickle(server, MAX_BODY, b" " * almost_whole) for _ in range(4)]
+    try:
+        time.sleep(0.5)  # the server has taken their bytes from the budget
+        full = client.post(
+            "/predict/batch", content=b" " * 30000 + json.dumps({"inputs": [GOOD]}).encode(),
+            headers={**AUTH, "Content-Type": "application/json"},
+        )  # fmt: skip
+        error = assert_error(full, 503, "in flight")
+        assert error["code"] == "queue_full"
+        assert int(full.headers["retry-after"]) >= 1
+    finally:
+        for connection in stalled:
+            connection.close()
+    time.sleep(0.5)  # the closed requests end and give their bytes back
+    again = predict(client, [GOOD])
+    assert again.status_code == 200, again.text
 
 
 def test_auth_guards_prediction_and_reload(client: httpx.Client) -> None:

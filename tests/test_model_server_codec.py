@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from model_server.codec import check_outputs, decode_batch, encode_outputs
-from nexus_cli.serving import InvalidInput, PayloadTooLarge, TensorSpec
+from nexus_cli.serving import BadRequest, InvalidInput, PayloadTooLarge, TensorSpec
 
 ANY = TensorSpec("input")
 EIGHT = TensorSpec("input", "FP32", (8,))
@@ -94,6 +94,21 @@ def test_booleans_for_a_bool_signature() -> None:
 def test_over_max_batch() -> None:
     with pytest.raises(PayloadTooLarge, match="at most 3"):
         decode_batch(body([[1.0] * 8] * 4), EIGHT, 3)
+
+
+def test_more_numbers_than_fit_are_refused_before_parsing() -> None:
+    """A body of tiny numbers costs ~15x its size once parsed: with a known sample shape
+    it is refused by counting commas, before any parsing (the cut-off body below is not
+    even JSON, and the answer is still 413, not 400)."""
+    flood = b'{"inputs": [' + b"0," * 200_000  # no closing brackets: never parsed
+    with pytest.raises(PayloadTooLarge, match="more numbers than 1024 samples of shape") as caught:
+        decode_batch(flood, EIGHT, 1024)
+    assert caught.value.code == "batch_too_large"
+    # a full batch, nested and spaced any way, is under the bound
+    assert decode_batch(body([[[1.0] * 4] * 2] * 1024), TensorSpec("x", "FP32", (2, 4)), 1024)
+    # a free dimension leaves the count to the parser: the bound would be a guess
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        decode_batch(flood, TensorSpec("x", "FP32", (-1,)), 1024)
 
 
 def test_non_finite_output_names_the_sample_in_request_order() -> None:
