@@ -241,10 +241,31 @@ def start_fake_backend(tmp: Path, port: int | None = None, **options: str) -> Pr
     return _start(args, {}, tmp / f"backend-{port}.log", port, "/health")
 
 
-def start_proxy(tmp: Path, env: dict[str, str]) -> Process:
+def start_proxy(tmp: Path, env: dict[str, str], *, ready: bool = False) -> Process:
+    """``python -m proxy`` with ``env``; with ``ready``, returned once ``/readyz`` is 200."""
     port = free_port()
     full = {"NEXUS_PORT": str(port), "NEXUS_HEALTH_INTERVAL_S": "0.2", **env}
-    return _start([sys.executable, "-m", "proxy"], full, tmp / f"proxy-{port}.log", port, "/health")
+    process = _start(
+        [sys.executable, "-m", "proxy"], full, tmp / f"proxy-{port}.log", port, "/health"
+    )
+    if ready:
+        try:
+            wait_until(lambda: http("GET", process.url + "/readyz")[0] == 200, what="proxy ready")
+        except BaseException:
+            process.kill()
+            raise
+    return process
+
+
+def control(backend: Process, **change) -> None:
+    """Change a running fake backend (``POST /control``): delay, ready, limits, model..."""
+    status, _, body = http("POST", backend.url + "/control", change)
+    assert status == 200, body
+
+
+def stats(backend: Process) -> dict:
+    """What a running fake backend saw (``GET /stats``)."""
+    return json.loads(http("GET", backend.url + "/stats")[2])
 
 
 @contextlib.contextmanager

@@ -23,25 +23,18 @@ import pytest
 from tests.fake_backend import (
     ROOT,
     Process,
+    control,
     free_port,
     http,
     metric,
     start_fake_backend,
     start_proxy,
+    stats,
     wait_until,
 )
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 pytestmark = pytest.mark.timeout(120)
-
-
-def control(backend: Process, **change) -> None:
-    status, _, body = http("POST", backend.url + "/control", change)
-    assert status == 200, body
-
-
-def stats(backend: Process) -> dict:
-    return json.loads(http("GET", backend.url + "/stats")[2])
 
 
 def predict(proxy: Process, sample, headers: dict | None = None, timeout: float = 30):

@@ -18,25 +18,17 @@ import pytest
 
 from tests.fake_backend import (
     SIGNATURE,
-    Process,
+    control,
     http,
     metric,
     start_fake_backend,
     start_proxy,
+    stats,
     wait_until,
 )
 
 pytestmark = pytest.mark.timeout(120)
 V2_INFER = "/v2/models/doubler/infer"
-
-
-def control(backend: Process, **change) -> None:
-    status, _, body = http("POST", backend.url + "/control", change)
-    assert status == 200, body
-
-
-def stats(backend: Process) -> dict:
-    return json.loads(http("GET", backend.url + "/stats")[2])
 
 
 def raw_request(path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
@@ -55,11 +47,8 @@ def backend(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def proxy(backend, tmp_path_factory):
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy"),
-        {"NEXUS_MODEL_SERVER_URL": backend.url, "NEXUS_REQUEST_TIMEOUT_S": "3"},
-    )
-    wait_until(lambda: http("GET", process.url + "/readyz")[0] == 200, what="proxy ready")
+    env = {"NEXUS_MODEL_SERVER_URL": backend.url, "NEXUS_REQUEST_TIMEOUT_S": "3"}
+    process = start_proxy(tmp_path_factory.mktemp("proxy"), env, ready=True)
     yield process
     process.kill()
 
@@ -157,9 +146,8 @@ def test_405_names_the_allowed_methods(proxy) -> None:
 
 def test_a_rollback_to_a_commit_served_before_is_noticed(tmp_path, backend) -> None:
     first, second = "a" * 40, "b" * 40
-    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url})
+    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url}, ready=True)
     try:
-        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
 
         def versions() -> list[str]:
             return json.loads(http("GET", proxy.url + "/v2/models/doubler")[2])["versions"]
@@ -180,9 +168,8 @@ def test_a_rollback_to_a_commit_served_before_is_noticed(tmp_path, backend) -> N
 
 def test_without_a_signature_a_sample_of_64_dimensions_is_422(tmp_path, backend) -> None:
     control(backend, model={"signature": None})
-    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url})
+    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url}, ready=True)
     try:
-        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
         deep = json.loads("[" * 64 + "1" + "]" * 64)
         status, _, body = http("POST", proxy.url + "/predict", {"input": deep})
         assert status == 422, body
@@ -200,11 +187,9 @@ def test_a_server_busy_with_many_slow_batches_stays_ready(tmp_path) -> None:
     not taken for a dead one (the probe used to wait behind the batches and time out)."""
     backend = start_fake_backend(tmp_path)
     control(backend, limits={"max_concurrency": 100}, delay=7.0)
-    proxy = start_proxy(
-        tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url, "NEXUS_MAX_BATCH_SIZE": "1"}
-    )
+    env = {"NEXUS_MODEL_SERVER_URL": backend.url, "NEXUS_MAX_BATCH_SIZE": "1"}
+    proxy = start_proxy(tmp_path, env, ready=True)
     try:
-        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
 
         async def load() -> list[int]:
             connector = aiohttp.TCPConnector(limit=100)
