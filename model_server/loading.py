@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ import torch
 from nexus_cli.api import Project
 from nexus_cli.cache import fetch_cached, find_cached
 from nexus_cli.errors import IntegrityError, NexusError, NotFoundError, StorageError
+from nexus_cli.files import describe_file_type
 from nexus_cli.formats import detect_format
 from nexus_cli.metadata import VersionRecord
 from nexus_cli.serving import SignatureError, TensorSpec, sample_specs
@@ -190,7 +192,19 @@ def open_project(settings: Settings) -> Project:
 
 def resolve_latest(settings: Settings, project: Project) -> VersionRecord:
     """The latest version of ``NEXUS_MODEL`` (or of the only model) in the metadata."""
-    if not settings.meta_path.is_file():
+    try:
+        mode = settings.meta_path.stat().st_mode  # through a link: what a reader would open
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise LoadError("metadata", f"cannot read {settings.meta_path}: {exc.strerror}") from exc
+    if mode is not None and not stat.S_ISREG(mode):
+        raise LoadError(
+            "metadata",
+            f"{settings.meta_path} is {describe_file_type(mode)}, not a regular file: "
+            "point NEXUS_META at the metadata file",
+        )
+    if mode is None:
         raise LoadError(
             "metadata",
             f"no metadata at {settings.meta_path}: run the server where .nexus_meta.json is, "
@@ -229,6 +243,10 @@ def fetch_weights(settings: Settings, project: Project, record: VersionRecord) -
         return fetch_cached(project, record, settings.cache_dir), False
     except (StorageError, IntegrityError, NotFoundError) as exc:
         raise LoadError("weights", str(exc), cause="store") from exc
+    except (ConnectionError, TimeoutError) as exc:  # a network error no backend translated
+        raise LoadError(
+            "weights", f"the store could not be reached: {_first_line(exc)}", cause="store"
+        ) from exc
     except NexusError as exc:
         raise LoadError("weights", str(exc)) from exc
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,16 @@ import pytest
 import torch
 
 from model_server.demo import TinyClassifier, build_model, save
-from model_server.loading import LoadError, build_with_weights, load_module, resolve_device
+from model_server.loading import (
+    LoadError,
+    build_with_weights,
+    fetch_weights,
+    load_module,
+    open_project,
+    resolve_device,
+    resolve_latest,
+)
+from model_server.settings import Settings
 from nexus_cli.metadata import VersionRecord
 
 CPU = torch.device("cpu")
@@ -132,3 +142,36 @@ def test_a_hostile_factory_is_a_load_error_never_the_end_of_the_process(
         build_with_weights(f"{name}:build", "state_dict", weights, CPU)
     assert f"NEXUS_MODEL_FACTORY={name}:build" in caught.value.message
     sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "folder"])
+def test_metadata_that_is_not_a_regular_file_says_what_it_is(tmp_path: Path, kind: str) -> None:
+    """A metadata file swapped for a FIFO or a link to /dev/zero is refused without
+    reading it, and the reason says what is there (it used to say "no metadata")."""
+    settings = Settings.from_env({"NEXUS_CACHE_DIR": str(tmp_path / "cache")}, cwd=tmp_path)
+    meta = tmp_path / ".nexus_meta.json"  # swapped after the start, before a reload
+    if kind == "fifo":
+        os.mkfifo(meta)
+    elif kind == "folder":
+        meta.mkdir()
+    else:
+        meta.symlink_to("/dev/zero")
+    expected = {"fifo": "a FIFO", "link to /dev/zero": "a character device", "folder": "a folder"}
+    with pytest.raises(LoadError, match=f"is {expected[kind]}, not a regular file"):
+        resolve_latest(settings, open_project(settings))
+
+
+def test_a_network_error_is_the_store_s_fault_not_the_cache_folder_s(tmp_path: Path) -> None:
+    """ConnectionError is an OSError: it was reported as trouble with the cache folder
+    (409, "cannot be served") instead of the store (502)."""
+
+    class Unreachable:
+        def fetch(self, *_args: object, **_kwargs: object) -> None:
+            raise ConnectionError("[Errno 111] Connection refused")
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    settings = Settings.from_env({"NEXUS_CACHE_DIR": str(tmp_path / "cache")}, cwd=tmp_path)
+    with pytest.raises(LoadError, match="store could not be reached") as caught:
+        fetch_weights(settings, Unreachable(), record(weights))
+    assert caught.value.cause == "store"
