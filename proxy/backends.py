@@ -239,7 +239,9 @@ class ModelServer:
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             self.reason = f"/v1/metadata failed: {type(exc).__name__}"
             return
-        if not isinstance(document, dict):
+        problem = _metadata_problem(document)
+        if problem is not None:
+            self.reason = f"/v1/metadata: {problem}"
             return
         self.metadata = document
         self._on_change()
@@ -335,6 +337,17 @@ def _session(per_host: int) -> aiohttp.ClientSession:
         limit=0, limit_per_host=per_host, keepalive_timeout=_KEEPALIVE_S, ttl_dns_cache=60
     )
     return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+
+
+def _metadata_problem(document: Any) -> str | None:
+    """What makes a metadata document unusable (None: nothing); checked once, when read, so
+    that every later ``.get`` on it holds."""
+    if not isinstance(document, dict):
+        return "not a JSON object"
+    for key in ("model", "limits"):
+        if document.get(key) is not None and not isinstance(document[key], dict):
+            return f"{key!r} is not an object"
+    return None
 
 
 def _error_fields(raw: bytes, status: int) -> tuple[str, str | None, str | None]:

@@ -5,8 +5,9 @@
 ``POST /predict/batch`` doubles every number of every sample. Negative numbers are a
 "value the model rejects" (422 naming the sample); ``POST /control`` changes its
 behaviour at run time (delay per batch, readiness, limits, commit, signature, a forced
-status), and ``GET /stats`` says what it saw (batch sizes, request ids, most batches
-running at once). It runs in its own process, so tests can kill and restart it.
+status, any field of its metadata document), and ``GET /stats`` says what it saw (batch
+sizes, request ids, most batches running at once). It runs in its own process, so tests can
+kill and restart it.
 
 The module also starts processes for the proxy tests: ``start_fake_backend``,
 ``start_proxy`` (``python -m proxy``), and small HTTP helpers on urllib.
@@ -62,6 +63,7 @@ class FakeModelServer:
             "signature": SIGNATURE,
         }
         self.force_status: int | None = None
+        self.metadata_override: dict = {}  # top-level fields of /v1/metadata, replaced
         self.batch_sizes: list[int] = []
         self.request_ids: list[str] = []
         self.running = 0
@@ -86,6 +88,7 @@ class FakeModelServer:
                 "endpoints": [],
                 "model": self.model,
                 "limits": self.limits,
+                **self.metadata_override,
             }
         )
 
@@ -128,6 +131,8 @@ class FakeModelServer:
         self.model.update(change.get("model", {}))
         if "force_status" in change:
             self.force_status = change["force_status"]
+        if "metadata" in change:
+            self.metadata_override = change["metadata"]
         return web.json_response({"ok": True})
 
     async def stats(self, request: web.Request) -> web.Response:

@@ -55,7 +55,7 @@ def proxy(backend, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _reset(backend):
-    control(backend, delay=0.0, ready=True, force_status=None)
+    control(backend, delay=0.0, ready=True, force_status=None, metadata={})
 
 
 def test_callers_that_hang_up_while_queued_never_reach_the_model(proxy, backend) -> None:
@@ -216,3 +216,27 @@ def test_a_server_busy_with_many_slow_batches_stays_ready(tmp_path) -> None:
     finally:
         proxy.kill()
         backend.kill()
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"limits": "lots"}, {"model": "doubler"}, {"limits": {"max_batch_size": "32"}, "model": []}],
+    ids=["limits-a-string", "model-a-string", "both-wrong"],
+)
+def test_metadata_of_the_wrong_shape_is_not_served_and_the_proxy_recovers(
+    tmp_path, backend, metadata
+) -> None:
+    control(backend, metadata=metadata)
+    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url})
+    try:
+        status, _, body = http("GET", proxy.url + "/readyz")
+        assert status == 503, body
+        assert "/v1/metadata" in body.decode()
+        status, _, body = http("POST", proxy.url + "/predict", {"input": [1, 2, 3, 4]}, timeout=10)
+        assert status == 503, body
+        control(backend, metadata={})  # the server is fixed: the proxy serves by itself
+        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200, 10, "ready")
+        status, _, body = http("POST", proxy.url + "/predict", {"input": [1, 2, 3, 4]}, timeout=10)
+        assert status == 200, body
+    finally:
+        proxy.kill()
