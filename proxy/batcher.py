@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from nexus_cli.serving import (
     Unavailable,
     UpstreamError,
 )
+
+log = logging.getLogger("nexus.proxy.batcher")
 
 # what a request costs on the upstream wire beyond its own parts: '{"inputs":[' ... ']}'
 _ENVELOPE_BYTES = 64
@@ -321,7 +324,12 @@ class Batcher:
         while True:
             self._wakeup.clear()
             now = monotonic()
-            when = self._dispatch(now)
+            try:
+                when = self._dispatch(now)
+            except Exception:  # a bug must fail the waiting callers, never stop dispatching
+                log.exception("the batcher's dispatch failed")
+                self._fail_queued(ServingError("internal error in the proxy's batcher"))
+                when = None
             timer = None
             if when is not None:  # the loop's clock may be coarse (uvloop: 1 ms): go relative
                 timer = loop.call_later(max(0.0, when - now), self._wakeup.set)

@@ -427,6 +427,37 @@ def test_callers_that_left_do_not_hold_queue_places() -> None:
     assert sorted(b[0] for b in fake.batches) == [0, 5, 6, 7, 8]
 
 
+def test_a_bug_in_dispatch_fails_the_waiting_callers_and_dispatch_goes_on() -> None:
+    class Flaky(FakeUpstream):
+        broken = True
+
+        @property
+        def max_batch_size(self) -> int:
+            if self.broken:
+                raise AttributeError("'str' object has no attribute 'get'")
+            return 1024
+
+        @max_batch_size.setter
+        def max_batch_size(self, value: int) -> None:
+            pass
+
+    async def main():
+        fake = Flaky()
+        batcher = await started([fake], max_batch_size=4)
+        failed = await asyncio.gather(
+            *(batcher.submit(part(i), 1, 5) for i in range(3)), return_exceptions=True
+        )
+        fake.broken = False
+        reply = await batcher.submit(part(7), 1, 5)
+        await batcher.stop()
+        return failed, reply
+
+    failed, reply = run(main())
+    assert [type(e).__name__ for e in failed] == ["ServingError"] * 3
+    assert all(e.status == 500 for e in failed)
+    assert reply.outputs == [14]
+
+
 def test_draining_refuses_new_requests_and_finishes_the_rest() -> None:
     async def main():
         fake = FakeUpstream(max_concurrency=1, delay=0.05)
