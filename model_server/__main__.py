@@ -7,10 +7,17 @@ that cannot be reached, a refused format) keeps the process up with ``/readyz`` 
 
 from __future__ import annotations
 
-import logging
-import sys
+import signal
 
-from model_server.settings import Settings, SettingsError
+# SIGHUP means "reload" once the app runs; until then (a second or more of imports) its
+# default action would end the process: a config reloader's HUP during a start killed it
+if hasattr(signal, "SIGHUP"):
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+import logging  # noqa: E402 - after the SIGHUP guard, which must come first
+import sys  # noqa: E402
+
+from model_server.settings import Settings, SettingsError  # noqa: E402
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ S3 path with a restart that downloads nothing."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -97,6 +98,38 @@ def test_bad_setting_exits_2_naming_it(tmp_path: Path, variable: str, value: str
     named = variable if variable != "NEXUS_PROVIDER" else "ftp"
     assert named in lines[0]
     assert "Traceback" not in done.stderr
+
+
+def test_a_sighup_during_the_start_does_not_end_the_process(tmp_path: Path) -> None:
+    """SIGHUP reloads once the app runs; sent while the server still imports (a config
+    reloader firing early) its default action ended the process with status 129."""
+    repo = make_model_repo(tmp_path / "project")
+    publish_demo(repo, seed=1)
+    port = free_port()
+    log = tmp_path / "server.log"
+    env = {**clean_environ(), "NEXUS_PORT": str(port), "NEXUS_CACHE_DIR": str(tmp_path / "c")}
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "model_server"], cwd=repo, env=env,
+                                   stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "starting on" not in log.read_text():  # settings read; uvicorn not yet imported
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        process.send_signal(signal.SIGHUP)
+        while True:
+            assert process.poll() is None, f"ended by SIGHUP:\n{log.read_text()}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 # failures that keep the process up ------------------------------------------------------
