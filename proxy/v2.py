@@ -67,7 +67,7 @@ def parse_infer(
         )
     rows = _input_rows(inputs[0], binary, spec, b"true" in header or b"false" in header)
     parameters = _parameters(document, "request")
-    binary_output = bool(parameters.get("binary_data_output", False))
+    binary_output = _flag(parameters, "binary_data_output", "request")
     requested = document.get("outputs")
     if requested is not None:
         if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
@@ -79,7 +79,7 @@ def parse_infer(
                 )
             out_params = _parameters(wanted, f"output {output.name!r}")
             if "binary_data" in out_params:
-                binary_output = bool(out_params["binary_data"])
+                binary_output = _flag(out_params, "binary_data", f"output {output.name!r}")
     request_id = document.get("id")
     return InferRequest(
         id=str(request_id) if request_id is not None else None,
@@ -109,6 +109,14 @@ def _parameters(document: dict, where: str) -> dict[str, Any]:
     if not isinstance(parameters, dict):
         raise BadRequest(f"'parameters' of the {where} must be an object")
     return parameters
+
+
+def _flag(parameters: dict[str, Any], name: str, where: str) -> bool:
+    """A boolean parameter; JSON ``true``/``false`` only (``bool("false")`` is True)."""
+    value = parameters.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"parameters.{name} of the {where} must be true or false, not {value!r}")
+    return value
 
 
 def _timeout(parameters: dict[str, Any]) -> float | None:

@@ -127,6 +127,24 @@ def test_hostile_v2_tensors_are_4xx_not_500(proxy, tensor) -> None:
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"parameters": {"binary_data_output": "false"}},
+        {"outputs": [{"name": "scores", "parameters": {"binary_data": "false"}}]},
+    ],
+    ids=["request", "output"],
+)
+def test_a_v2_binary_flag_that_is_not_a_boolean_is_400(proxy, where) -> None:
+    document = {
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}],
+        **where,
+    }
+    status, _, body = http("POST", proxy.url + V2_INFER, document)
+    assert status == 400, body  # it was answered in binary: bool("false") is True
+    assert "true or false" in json.loads(body)["error"]["message"]
+
+
 def test_true_and_false_outside_the_input_are_not_booleans(proxy) -> None:
     document = {"input": [1, 2, 3, 4], "note": "false alarm", "debug": True}
     status, _, body = http("POST", proxy.url + "/predict", document)
