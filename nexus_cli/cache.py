@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,11 +62,19 @@ class _Stamp:
     device: int
     mtime_ns: int
     ctime_ns: int
+    mode: int = field(default=0, compare=False)  # not in the sidecar: it is no proof
 
     @classmethod
     def of(cls, path: Path) -> _Stamp:
         info = path.stat()
-        return cls(info.st_size, info.st_ino, info.st_dev, info.st_mtime_ns, info.st_ctime_ns)
+        return cls(
+            info.st_size, info.st_ino, info.st_dev, info.st_mtime_ns, info.st_ctime_ns,
+            info.st_mode,
+        )  # fmt: skip
+
+    def record(self) -> dict[str, int]:
+        """What the sidecar keeps."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
 
 
 def _sidecar(path: Path) -> Path:
@@ -77,18 +86,26 @@ def _stamp_vouches(path: Path, stamp: _Stamp, sha256: str) -> bool:
         recorded = json.loads(_sidecar(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return recorded == {"sha256": sha256, **stamp.__dict__}
+    return recorded == {"sha256": sha256, **stamp.record()}
 
 
 def _write_stamp(path: Path, sha256: str) -> None:
     with contextlib.suppress(OSError):  # the sidecar only saves time; the cache works without
-        stamp = {"sha256": sha256, **_Stamp.of(path).__dict__}
+        stamp = {"sha256": sha256, **_Stamp.of(path).record()}
         atomic_write_text(_sidecar(path), json.dumps(stamp))
 
 
-def _forget(path: Path) -> None:
+def _forget_if_unchanged(path: Path, examined: _Stamp) -> None:
+    """Remove the bad file that was examined, and its sidecar, unless it was replaced
+    meanwhile: hashing takes seconds, in which another process may have renamed a good
+    copy into place (removing that one made its server fail to load a file it had)."""
+    try:
+        if _Stamp.of(path) != examined:
+            return
+    except FileNotFoundError:
+        return
     for stale in (path, _sidecar(path)):
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
             stale.unlink()
 
 
@@ -102,13 +119,15 @@ def find_cached(record: VersionRecord, cache_dir: Path | None = None) -> Path | 
         stamp = _Stamp.of(path)
     except FileNotFoundError:
         return None
+    if not stat.S_ISREG(stamp.mode):  # a FIFO, a device, a folder, or a link to one: a miss
+        return None
     if stamp.size == record.size_bytes:
         if _stamp_vouches(path, stamp, record.sha256):
             return path
         if hash_file(path).sha256 == record.sha256:
             _write_stamp(path, record.sha256)
             return path
-    _forget(path)
+    _forget_if_unchanged(path, stamp)
     return None
 
 

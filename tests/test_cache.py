@@ -190,3 +190,50 @@ def test_processes_sharing_a_cache_never_see_half_a_file(stored, tmp_path: Path)
     names = [p.name for p in (tmp_path / "cache").iterdir() if p.is_file()]
     assert not [n for n in names if is_temp_file(n)]
     assert f"{record.sha256}.bin" in names
+
+
+def test_a_good_copy_renamed_in_while_a_bad_one_is_hashed_is_kept(
+    stored, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Process A hashes a corrupt cached file (seconds, for real weights) while process B
+    renames a good copy into place: A must not then remove B's file (B's server would
+    fail to load the path it was given)."""
+    project, record = stored
+    good = cache.fetch_cached(project, record, tmp_path / "cache")
+    spare = tmp_path / "good-copy"
+    spare.write_bytes(good.read_bytes())
+    good.chmod(0o644)
+    good.write_bytes(b"x" * len(DATA))  # corrupt, same size
+    original = cache.hash_file
+
+    def hash_while_another_process_repairs(path: Path, *args: object) -> object:
+        digest = original(path, *args)
+        os.replace(spare, path)  # process B's verified download lands meanwhile
+        return digest
+
+    monkeypatch.setattr(cache, "hash_file", hash_while_another_process_repairs)
+    assert cache.find_cached(record, tmp_path / "cache") is None  # A saw a bad file
+    assert good.read_bytes() == DATA  # and left B's good one alone
+
+
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "fifo", "folder"])
+def test_a_cached_name_that_is_not_a_regular_file_is_a_miss(
+    stored, tmp_path: Path, kind: str
+) -> None:
+    """Never read (a FIFO would block, /dev/zero never end) and never trusted; a fetch
+    puts a verified file in its place where it can."""
+    project, record = stored
+    path = cache.cache_path(record, tmp_path / "cache")
+    path.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    assert cache.find_cached(record, tmp_path / "cache") is None
+    if kind != "folder":
+        fetched = cache.fetch_cached(project, record, tmp_path / "cache")
+        assert fetched == path
+        assert not path.is_symlink()
+        assert path.read_bytes() == DATA
