@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from nexus_cli.cache import default_cache_dir
 from nexus_cli.config import load_config
@@ -21,6 +22,8 @@ from nexus_cli.names import MODEL_NAME_RE
 META_DEFAULT = ".nexus_meta.json"
 _DEVICE_RE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 _FACTORY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+N = TypeVar("N", int, float)
 
 
 class SettingsError(ValueError):
@@ -78,6 +81,13 @@ class Settings:
                 f"NEXUS_MODEL_FACTORY={factory!r}: use module:callable, "
                 "like my_package.models:build_model"
             )
+        api_token = env.get("NEXUS_API_TOKEN") or None
+        if api_token is not None and not _TOKEN_RE.fullmatch(api_token):
+            # a space or a non-ASCII character could never arrive intact in the header
+            raise SettingsError(
+                "NEXUS_API_TOKEN holds a space or a character outside printable ASCII; "
+                "no client could send it as a bearer token"
+            )
         host = env.get("NEXUS_HOST") or "127.0.0.1"
         return cls(
             meta_path=meta_path,
@@ -91,7 +101,7 @@ class Settings:
             concurrency=_int(env, "NEXUS_SERVER_CONCURRENCY", 2, minimum=1),
             max_body_bytes=_int(env, "NEXUS_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024),
             body_timeout_s=_seconds(env, "NEXUS_BODY_TIMEOUT_S", 60.0),
-            api_token=env.get("NEXUS_API_TOKEN") or None,
+            api_token=api_token,
             host=host,
             port=_int(env, "NEXUS_PORT", 8000, minimum=0, maximum=65535),
             environ=env,
@@ -101,27 +111,30 @@ class Settings:
 def _int(
     env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None
 ) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise SettingsError(f"{name}={value} is out of range: give a number {bound}")
-    return value
+    return _number(env, name, default, int, "a whole number", minimum, maximum)
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    return _number(env, name, default, float, "a number of seconds", 0.001, 86_400)
+
+
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    default: N,
+    parse: Callable[[str], N],
+    what: str,
+    minimum: N,
+    maximum: N | None,
+) -> N:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
-    if not 0.001 <= value <= 86_400:  # also refuses nan and inf
-        raise SettingsError(f"{name}={raw} is out of range: give seconds between 0.001 and 86400")
+        raise SettingsError(f"{name}={raw!r} is not {what}") from None
+    if not minimum <= value or (maximum is not None and not value <= maximum):  # refuses nan
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise SettingsError(f"{name}={raw} is out of range: give a number {bound}")
     return value

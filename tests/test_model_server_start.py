@@ -73,6 +73,7 @@ class Payload:
         ("NEXUS_SERVER_CONCURRENCY", "-1"),
         ("NEXUS_MAX_BODY_BYTES", "12kb"),
         ("NEXUS_BODY_TIMEOUT_S", "nan"),
+        ("NEXUS_API_TOKEN", " padded-token"),
         ("NEXUS_PORT", "70000"),
         ("NEXUS_DEVICE", "gpu"),
         ("NEXUS_MODEL", "no spaces please"),
