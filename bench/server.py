@@ -27,10 +27,8 @@ uvicorn, FastAPI, thread hops, the client).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
-import logging
 import os
 import re
 import shutil
@@ -40,10 +38,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 from _harness import Row, Samples, alternating, make_repo, print_table
+from transfer_s3 import moto_server
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,20 +60,6 @@ BASELINE_DISK = """
 import sys, torch
 torch.load(sys.argv[1], weights_only=True)
 """
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def free_port() -> int:
