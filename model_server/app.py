@@ -94,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The model server's app; the model loads in the background once it starts."""
     metrics = Metrics()
     budget = BodyBudget(BUDGET_BODIES * settings.max_body_bytes)
+    metrics.body_bytes.set_function(lambda: budget.used)
     big_decodes = asyncio.Semaphore(1)  # parsing holds the GIL: one at a time is as fast
 
     @asynccontextmanager

@@ -25,6 +25,10 @@ class Metrics:
         self.queue_depth = Gauge(
             "nexus_server_queue_depth", "Requests waiting for the device", registry=r
         )
+        self.body_bytes = Gauge(
+            "nexus_server_body_bytes_in_flight",
+            "Bytes of request bodies held by the requests in flight (bounded)", registry=r,
+        )  # fmt: skip
         self.inference_seconds = Histogram(
             "nexus_server_inference_seconds", "Forward passes of one request, on the device",
             buckets=_SECONDS, registry=r,

@@ -5,6 +5,7 @@ a token, small limits so that the limits are cheap to hit)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_BODY = 64 * 1024
 MAX_BATCH = 64
-BODY_TIMEOUT_S = 2
+BODY_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
@@ -256,22 +257,34 @@ def test_bodies_in_flight_share_a_bounded_budget(
     """Bodies held at once are bounded (4 x NEXUS_MAX_BODY_BYTES): past that, 503 with
     Retry-After, and the bytes are given back when those requests end."""
     almost_whole = MAX_BODY - 100
+    padded = b" " * 30000 + json.dumps({"inputs": [GOOD]}).encode()  # 30 kB more: too much
+    headers = {**AUTH, "Content-Type": "application/json"}
     stalled = [start_trickle(server, MAX_BODY, b" " * almost_whole) for _ in range(4)]
     try:
-        time.sleep(0.5)  # the server has taken their bytes from the budget
-        full = client.post(
-            "/predict/batch", content=b" " * 30000 + json.dumps({"inputs": [GOOD]}).encode(),
-            headers={**AUTH, "Content-Type": "application/json"},
-        )  # fmt: skip
+        deadline = time.monotonic() + 10  # until the server has read what they sent
+        while body_bytes_in_flight(client) < 4 * almost_whole:
+            assert time.monotonic() < deadline, body_bytes_in_flight(client)
+            time.sleep(0.05)
+        full = client.post("/predict/batch", content=padded, headers=headers)
         error = assert_error(full, 503, "in flight")
         assert error["code"] == "queue_full"
         assert int(full.headers["retry-after"]) >= 1
     finally:
         for connection in stalled:
             connection.close()
-    time.sleep(0.5)  # the closed requests end and give their bytes back
-    again = predict(client, [GOOD])
+    deadline = time.monotonic() + 10  # the closed requests end and give their bytes back
+    while body_bytes_in_flight(client) > 0:
+        assert time.monotonic() < deadline, body_bytes_in_flight(client)
+        time.sleep(0.05)
+    again = client.post("/predict/batch", content=padded, headers=headers)
     assert again.status_code == 200, again.text
+
+
+def body_bytes_in_flight(client: httpx.Client) -> float:
+    text = client.get("/metrics").text
+    metric = re.search(r"^nexus_server_body_bytes_in_flight (\S+)$", text, re.M)
+    assert metric is not None
+    return float(metric.group(1))
 
 
 def test_auth_guards_prediction_and_reload(client: httpx.Client) -> None:
