@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from nexus_cli.cache import default_cache_dir
 from nexus_cli.config import load_config
 from nexus_cli.errors import ConfigError
 from nexus_cli.names import MODEL_NAME_RE
+from nexus_cli.serving import SettingsError, env_number
 
 META_DEFAULT = ".nexus_meta.json"
 _DEVICE_RE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 _FACTORY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")
-N = TypeVar("N", int, float)
-
-
-class SettingsError(ValueError):
-    """A setting with a value the server cannot run with; the message names the variable."""
 
 
 @dataclass(frozen=True)
@@ -109,32 +104,10 @@ class Settings:
 
 
 def _int(
-    env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None
+    env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int = 1 << 40
 ) -> int:
-    return _number(env, name, default, int, "a whole number", minimum, maximum)
+    return env_number(env, name, default, int, low=minimum, high=maximum)
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    return _number(env, name, default, float, "a number of seconds", 0.001, 86_400)
-
-
-def _number(
-    env: Mapping[str, str],
-    name: str,
-    default: N,
-    parse: Callable[[str], N],
-    what: str,
-    minimum: N,
-    maximum: N | None,
-) -> N:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = parse(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not {what}") from None
-    if not minimum <= value or (maximum is not None and not value <= maximum):  # refuses nan
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise SettingsError(f"{name}={raw} is out of range: give a number {bound}")
-    return value
+    return env_number(env, name, default, float, low=0.001, high=86_400)

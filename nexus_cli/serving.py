@@ -14,9 +14,9 @@ handler renders; framework errors (404, 405, 422 from validation) are mapped thr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -121,6 +121,41 @@ def error_for_status(status: int, message: str) -> ServingError:
     if 400 <= status < 500:
         error.type, error.code = "invalid_request_error", "invalid_request"
     return error
+
+
+# settings -------------------------------------------------------------------------------
+
+Number = TypeVar("Number", int, float)
+
+
+class SettingsError(ValueError):
+    """A setting a service cannot run with; the message names the variable."""
+
+
+def env_number(
+    env: Mapping[str, str],
+    name: str,
+    default: Number,
+    parse: Callable[[str], Number],
+    *,
+    low: float,
+    high: float,
+) -> Number:
+    """``env[name]`` read with ``parse`` (``int`` or ``float``) and checked to lie in [low, high].
+
+    ``default`` when the variable is unset or blank; NaN is refused like any value out of range.
+    """
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = parse(raw.strip())
+    except ValueError:
+        what = "a whole number" if parse is int else "a number"
+        raise SettingsError(f"{name}={raw!r}: expected {what}") from None
+    if not low <= value <= high:  # False for NaN too
+        raise SettingsError(f"{name}={raw!r}: expected a value from {low:g} to {high:g}")
+    return value
 
 
 # samples --------------------------------------------------------------------------------

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
 from urllib.parse import urlsplit
 
-T = TypeVar("T", int, float)
+from nexus_cli.serving import SettingsError, env_number
 
 MIB = 1024 * 1024
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-class SettingsError(ValueError):
-    """A setting that cannot be used; the message names the variable."""
 
 
 @dataclass(frozen=True)
@@ -76,26 +71,28 @@ class Settings:
             )
         return cls(
             model_server_urls=urls,
-            max_batch_size=_number(env, "NEXUS_MAX_BATCH_SIZE", 32, int, low=1, high=65536),
-            max_wait_ms=_number(env, "NEXUS_MAX_WAIT_MS", 50.0, float, low=0, high=60_000),
-            max_queue=_number(env, "NEXUS_MAX_QUEUE", 1024, int, low=1, high=1_000_000),
-            max_queue_bytes=_number(
+            max_batch_size=env_number(env, "NEXUS_MAX_BATCH_SIZE", 32, int, low=1, high=65536),
+            max_wait_ms=env_number(env, "NEXUS_MAX_WAIT_MS", 50.0, float, low=0, high=60_000),
+            max_queue=env_number(env, "NEXUS_MAX_QUEUE", 1024, int, low=1, high=1_000_000),
+            max_queue_bytes=env_number(
                 env, "NEXUS_MAX_QUEUE_BYTES", 256 * MIB, int, low=1024, high=1 << 40
             ),
-            request_timeout_s=_number(
+            request_timeout_s=env_number(
                 env, "NEXUS_REQUEST_TIMEOUT_S", 30.0, float, low=0.001, high=86_400
             ),
-            max_body_bytes=_number(env, "NEXUS_MAX_BODY_BYTES", 64 * MIB, int, low=1, high=1 << 40),
+            max_body_bytes=env_number(
+                env, "NEXUS_MAX_BODY_BYTES", 64 * MIB, int, low=1, high=1 << 40
+            ),
             api_token=api_token,
             model_server_token=env.get("NEXUS_MODEL_SERVER_TOKEN") or api_token,
             host=env.get("NEXUS_HOST", "127.0.0.1") or "127.0.0.1",
-            port=_number(env, "NEXUS_PORT", 8080, int, low=0, high=65535),
-            health_interval_s=_number(
+            port=env_number(env, "NEXUS_PORT", 8080, int, low=0, high=65535),
+            health_interval_s=env_number(
                 env, "NEXUS_HEALTH_INTERVAL_S", 1.0, float, low=0.01, high=3600
             ),
             etcd_endpoints=etcd,
             advertise_url=advertise,
-            etcd_ttl_s=_number(env, "NEXUS_ETCD_TTL_S", 10.0, float, low=1, high=86_400),
+            etcd_ttl_s=env_number(env, "NEXUS_ETCD_TTL_S", 10.0, float, low=1, high=86_400),
             instance_id=instance_id,
             log_level=level,
         )
@@ -114,25 +111,3 @@ def _url(name: str, value: str) -> str:
     except ValueError:
         raise SettingsError(f"{name}: {value!r} has a bad port") from None
     return value.rstrip("/")
-
-
-def _number(
-    env: Mapping[str, str],
-    name: str,
-    default: T,
-    kind: Callable[[str], T],
-    *,
-    low: float,
-    high: float,
-) -> T:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = kind(raw.strip())
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise SettingsError(f"{name}={raw!r}: expected {what}") from None
-    if not low <= value <= high or value != value:
-        raise SettingsError(f"{name}={raw!r}: expected a value from {low:g} to {high:g}")
-    return value
