@@ -40,7 +40,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from _harness import Row, Samples, alternating, make_repo, print_table
+from _harness import Row, Samples, alternating, compile_project, make_repo, print_table
 from transfer_s3 import moto_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model, 2 runs: a smoke test")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: tmp)")
     args = parser.parse_args()
+    compile_project()
     if args.quick:
         args.size, args.runs, args.requests = "small", 2, 10
 

@@ -35,6 +35,7 @@ from _harness import (
     Row,
     Samples,
     alternating,
+    compile_project,
     git,
     make_file,
     make_repo,
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: tmp)")
     args = parser.parse_args()
+    compile_project()
     if args.quick:
         args.size_mib, args.runs, args.s3_sizes_mib = 32, 1, "16,32"
 
