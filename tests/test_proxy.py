@@ -71,8 +71,8 @@ def proxy(backend, tmp_path_factory):
     process = start_proxy(
         tmp_path_factory.mktemp("proxy"),
         {"NEXUS_MODEL_SERVER_URL": backend.url, "NEXUS_MAX_WAIT_MS": "20"},
+        ready=True,
     )
-    wait_until(lambda: http("GET", process.url + "/readyz")[0] == 200, what="proxy ready")
     yield process
     process.kill()
 
@@ -108,10 +108,9 @@ def test_500_concurrent_predictions_each_get_their_own_answer(proxy, backend) ->
 
 def test_a_lone_request_is_not_held_for_the_window(tmp_path, backend) -> None:
     proxy = start_proxy(
-        tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url, "NEXUS_MAX_WAIT_MS": "20000"}
+        tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url, "NEXUS_MAX_WAIT_MS": "20000"}, ready=True
     )
     try:
-        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
         begin = time.monotonic()
         status, _, body = predict(proxy, [1, 2, 3, 4])
         assert status == 200, body
@@ -226,9 +225,9 @@ def test_auth_guards_prediction_and_leaves_health_open(tmp_path, backend) -> Non
             "NEXUS_API_TOKEN": "s3cret",
             "NEXUS_MODEL_SERVER_TOKEN": "",
         },
+        ready=True,
     )
     try:
-        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             status, _, body = predict(proxy, [1, 2, 3, 4], headers)
             assert status == 401
@@ -278,9 +277,9 @@ def test_full_queue_is_refused_at_once_with_retry_after(tmp_path, backend) -> No
             "NEXUS_MAX_QUEUE": "1",
             "NEXUS_MAX_BATCH_SIZE": "1",
         },
+        ready=True,
     )
     try:
-        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
 
         async def burst():
             connector = aiohttp.TCPConnector(limit=50)
@@ -311,9 +310,8 @@ def test_full_queue_is_refused_at_once_with_retry_after(tmp_path, backend) -> No
 
 def test_model_server_killed_mid_load_then_restarted(tmp_path) -> None:
     backend = start_fake_backend(tmp_path, delay="0.05")
-    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url})
+    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url}, ready=True)
     try:
-        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
 
         async def load_while_killing():
             connector = aiohttp.TCPConnector(limit=64)
@@ -363,9 +361,8 @@ def test_replicas_share_the_load_and_a_dead_one_is_skipped(tmp_path) -> None:
     second = start_fake_backend(tmp_path, delay="0.02")
     dead = f"http://127.0.0.1:{free_port()}"
     urls = ",".join([first.url, dead, second.url])
-    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": urls})
+    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": urls}, ready=True)
     try:
-        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
         samples = [[i, 0, 0, 1] for i in range(200)]
         answers = asyncio.run(predict_many(proxy.url, samples, connections=100))
         assert all(status == 200 for status, _ in answers)
@@ -391,9 +388,8 @@ def test_a_not_ready_model_server_is_skipped_until_it_recovers(proxy, backend) -
 
 def test_a_new_commit_makes_the_proxy_reread_the_signature(tmp_path) -> None:
     backend = start_fake_backend(tmp_path)
-    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url})
+    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url}, ready=True)
     try:
-        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
         assert predict(proxy, [1, 2, 3])[0] == 422  # the signature takes 4 features
         three = {
             "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 3]}],
@@ -449,9 +445,8 @@ def test_metadata_models_and_metrics(proxy) -> None:
 
 def test_shutdown_drains_in_flight_requests(tmp_path, backend) -> None:
     control(backend, delay=1.0)
-    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url})
+    proxy = start_proxy(tmp_path, {"NEXUS_MODEL_SERVER_URL": backend.url}, ready=True)
     try:
-        wait_until(lambda: http("GET", proxy.url + "/readyz")[0] == 200)
 
         async def stop_during_request():
             async with aiohttp.ClientSession() as session:
