@@ -100,9 +100,14 @@ def test_more_numbers_than_fit_are_refused_before_parsing() -> None:
     """A body of tiny numbers costs ~15x its size once parsed: with a known sample shape
     it is refused by counting commas, before any parsing (the cut-off body below is not
     even JSON, and the answer is still 413, not 400)."""
-    flood = b'{"inputs": [' + b"0," * 200_000  # no closing brackets: never parsed
+    flood = b'{"inputs": [' + b"0," * 600_000  # 1.2 MB, no closing brackets: never parsed
     with pytest.raises(PayloadTooLarge, match="more numbers than 1024 samples of shape") as caught:
         decode_batch(flood, EIGHT, 1024)
+    assert caught.value.code == "batch_too_large"
+    # under 1 MiB the body is parsed (cheaper than counting) and still refused
+    small_flood = b'{"inputs": [' + b"0," * 200_000 + b"0]}"
+    with pytest.raises(PayloadTooLarge, match="at most 1024") as caught:
+        decode_batch(small_flood, EIGHT, 1024)
     assert caught.value.code == "batch_too_large"
     # a full batch, nested and spaced any way, is under the bound
     assert decode_batch(body([[[1.0] * 4] * 2] * 1024), TensorSpec("x", "FP32", (2, 4)), 1024)
