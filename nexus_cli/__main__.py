@@ -1,3 +1,3 @@
-from nexus_cli.cli import main
+from nexus_cli.cli import run
 
-main()
+run()

@@ -29,6 +29,7 @@ from nexus_cli.errors import (
     ConfigError,
     ConflictError,
     GitError,
+    NexusError,
     NotFoundError,
     ObjectExistsError,
     UsageError,
@@ -136,6 +137,15 @@ class VerifyResult:
 
 def _utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _refuse_dirty(dirty: list[str]) -> None:
+    if dirty:
+        shown = ", ".join(dirty[:5]) + (f" and {len(dirty) - 5} more" if len(dirty) > 5 else "")
+        raise GitError(
+            f"the working tree has uncommitted changes: {shown}",
+            hint="commit or stash them so the weights match a commit, or use --allow-dirty",
+        )
 
 
 def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -329,18 +339,20 @@ class Project:
 
         from nexus_cli.formats import detect_format
 
-        repo = GitRepo.discover(self.meta_path.parent)
-        commit = repo.head_commit()
-        if not allow_dirty:
-            dirty = repo.dirty_paths({self.meta_path})
-            if dirty:
-                shown = ", ".join(dirty[:5]) + (
-                    f" and {len(dirty) - 5} more" if len(dirty) > 5 else ""
-                )
-                raise GitError(
-                    f"the working tree has uncommitted changes: {shown}",
-                    hint="commit or stash them so the weights match a commit, or use --allow-dirty",
-                )
+        with GitRepo.start(self.meta_path.parent) as repo:
+            # git answers while the storage SDK loads (they cost about the same); git's
+            # complaints still come first
+            store_error = None
+            try:
+                self.store_backend  # noqa: B018 - opened here for the overlap
+            except NexusError as exc:
+                store_error = exc
+            commit = repo.head_commit()
+            if not allow_dirty:
+                _refuse_dirty(repo.dirty_paths({self.meta_path}))
+            created_by = repo.identity()
+        if store_error is not None:
+            raise store_error
 
         # before the upload: a registry that cannot be written could not record it
         check_link_in_worktree(self.meta_path)
@@ -360,7 +372,7 @@ class Project:
             format=file_format,
             signature=signature,
             created_at=_utc_now(),
-            created_by=repo.identity(),
+            created_by=created_by,
             message=message,
             metrics=metrics,
         )

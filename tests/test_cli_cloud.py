@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from nexus_cli.storage.s3 import DEFAULT_PART_SIZE
 from tests.conftest import Repo, Result, run_nexus
 
 pytest_plugins = ["tests.cloud_servers"]
@@ -120,7 +121,8 @@ def test_multipart_round_trip_through_the_cli(repo: Repo, cli, s3_env: dict, s3_
     stored = cli("store", repo.write_weights("big.pt", data), "big", "--json")
     assert stored.exit_code == 0, stored.stderr
     head = s3_client.head_object(Bucket=s3_env["NEXUS_BUCKET"], Key=stored.json["storage_uri"])
-    assert head["ETag"].endswith('-5"')  # five parts of 16 MiB
+    parts = -(-MULTIPART_SIZE // DEFAULT_PART_SIZE)
+    assert head["ETag"].endswith(f'-{parts}"')  # sent in parts of the default size
     loaded = cli("load", "big", "-o", repo.path / "out" / "copy.pt", "--json")
     assert loaded.exit_code == 0, loaded.stderr
     assert sha256(Path(loaded.json["path"]).read_bytes()) == sha256(data)

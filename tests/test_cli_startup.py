@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Repo
+from tests.conftest import Repo, run_nexus
 
 HEAVY = ("pydantic", "git", "boto3", "botocore", "google", "filelock", "rich", "concurrent")
 
@@ -82,3 +82,18 @@ def test_the_pydantic_shortcut_degrades_to_typer_s_own_coercion(
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_the_executable_ends_fast_but_loses_no_output(cli, repo: Repo) -> None:
+    """`nexus` skips the interpreter's teardown (``os._exit`` after ``main``): what it
+    printed must still all arrive, well past a pipe's buffer, with the right exit code."""
+    message = "m" * 100_000  # the JSON listing is larger than stdout's 8 KiB buffer
+    weights = repo.write_weights("m.pt", b"w")
+    assert cli("store", weights, "prod_model", "-m", message).exit_code == 0
+    listed = run_nexus("list", "--json", cwd=repo.path)
+    assert listed.exit_code == 0, listed.stderr
+    assert json.loads(listed.stdout)[0]["message"] == message
+    missing = run_nexus("load", "no_such_model", "--json", cwd=repo.path)
+    assert missing.exit_code == 4, missing.stderr
+    assert json.loads(missing.stdout)["error"]["code"]
+    assert "Traceback" not in missing.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,41 @@ def test_outside_a_repository(tmp_path: Path) -> None:
         GitRepo.discover(tmp_path)
 
 
+def test_a_bare_repository_or_the_git_folder_is_not_a_work_tree(repo: Repo, tmp_path: Path) -> None:
+    bare = tmp_path / "bare.git"
+    repo.git("init", "-q", "--bare", str(bare))
+    with pytest.raises(GitError, match="bare repository or a .git folder"):
+        GitRepo.discover(bare)
+    with pytest.raises(GitError, match="bare repository or a .git folder"):
+        GitRepo.discover(repo.path / ".git")
+
+
+def test_without_a_git_executable(repo: Repo, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(GitError, match="git is not usable here"):
+        GitRepo.discover(repo.path)
+
+
+def test_staged_deleted_and_conflicted_paths_are_dirty(repo: Repo) -> None:
+    repo.commit("two files", filename="a.py")
+    repo.commit("and another", filename="b.py")
+    (repo.path / "a.py").write_text("staged change\n")
+    repo.git("add", "a.py")
+    (repo.path / "b.py").unlink()
+    assert sorted(GitRepo.discover(repo.path).dirty_paths()) == ["a.py", "b.py"]
+    repo.git("checkout", "-q", "--", "b.py")
+    repo.git("commit", "-q", "-am", "a")
+    base = repo.head()
+    (repo.path / "a.py").write_text("ours\n")
+    repo.git("commit", "-q", "-am", "ours")
+    repo.git("checkout", "-q", "-b", "theirs", base)
+    (repo.path / "a.py").write_text("theirs\n")
+    repo.git("commit", "-q", "-am", "theirs")
+    merged = subprocess.run(["git", "merge", "-q", "-"], cwd=repo.path, capture_output=True)
+    assert merged.returncode != 0  # a conflict in a.py
+    assert GitRepo.discover(repo.path).dirty_paths() == ["a.py"]
+
+
 def test_no_commit_yet(tmp_path: Path) -> None:
     fresh = make_repo(tmp_path / "fresh", commit=False)
     with pytest.raises(GitError, match="no commit yet"):
@@ -32,15 +68,22 @@ def test_no_commit_yet(tmp_path: Path) -> None:
 
 
 def test_dirty_paths(repo: Repo) -> None:
-    git_repo = GitRepo.discover(repo.path)
-    assert git_repo.dirty_paths() == []
+    assert GitRepo.discover(repo.path).dirty_paths() == []
     (repo.path / "out").mkdir()
     (repo.path / "out" / "weights.pt").write_bytes(b"ignored by .gitignore")
-    assert git_repo.dirty_paths() == []
+    assert GitRepo.discover(repo.path).dirty_paths() == []
     (repo.path / "new.txt").write_text("untracked\n")
     (repo.path / ".gitignore").write_text("out/\n# edited\n")
-    assert sorted(git_repo.dirty_paths()) == [".gitignore", "new.txt"]
-    assert git_repo.dirty_paths({repo.path / ".gitignore"}) == ["new.txt"]
+    (repo.path / "with space and ünïcode.txt").write_text("untracked\n")
+    git_repo = GitRepo.discover(repo.path)
+    assert sorted(git_repo.dirty_paths()) == [".gitignore", "new.txt", "with space and ünïcode.txt"]
+    assert git_repo.dirty_paths({repo.path / ".gitignore"}) == [
+        "new.txt",
+        "with space and ünïcode.txt",
+    ]
+    # a snapshot: what git said when the command started, however the tree changes after
+    (repo.path / "later.txt").write_text("untracked\n")
+    assert "later.txt" not in git_repo.dirty_paths()
 
 
 def test_renames_are_reported_once(repo: Repo) -> None:

@@ -61,7 +61,7 @@ from nexus_cli.transfer import Digest
 #: files below this go up in one PUT (held in memory, at most this big), larger ones in parts
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 #: part size for uploads and range size for downloads; S3 wants at least 5 MiB per part
-DEFAULT_PART_SIZE = 16 * MiB
+DEFAULT_PART_SIZE = 8 * MiB
 #: parts in flight at once; memory stays near (concurrency + 1) * part size
 DEFAULT_MAX_CONCURRENCY = 8
 MIN_PART_SIZE = 5 * MiB
