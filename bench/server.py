@@ -47,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MODEL = "bench_mlp"
 BUCKET = "nexus-bench-server"
+#: the request rows alternate server and in-process blocks this many times: drift on a
+#: noisy machine (other tenants, memory bandwidth) then falls on both sides alike
+REQUEST_BLOCKS = 6
 FACTORIES = {"big": "model_server.demo:build_mlp", "small": "model_server.demo:build_small_mlp"}
 
 BASELINE_S3 = """
@@ -184,7 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(FACTORIES), default="big")
     parser.add_argument("--runs", type=int, default=5, help="start-up runs per side")
-    parser.add_argument("--requests", type=int, default=50, help="timed requests per row")
+    parser.add_argument("--requests", type=int, default=100, help="timed requests per row")
     parser.add_argument("--quick", action="store_true", help="small model, 2 runs: a smoke test")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: tmp)")
     args = parser.parse_args()
@@ -277,15 +280,16 @@ def main() -> None:
                 batch = rng.normal(size=(size, features)).astype(np.float32)
                 body = orjson.dumps({"inputs": batch}, option=orjson.OPT_SERIALIZE_NUMPY)
                 tensor = torch.from_numpy(batch).to(device)
-                for run in range(2):
+                per_block = max(args.requests // REQUEST_BLOCKS, 1)
+                for run in range(REQUEST_BLOCKS):
                     for side in alternating(run, "server", "forward"):
                         if side == "server":
-                            for value, stages in post_timings(server.url, body, args.requests // 2):
+                            for value, stages in post_timings(server.url, body, per_block):
                                 samples.record(f"post{size}", value)
                                 for stage, seconds in stages.items():
                                     samples.record(f"{stage}{size}", seconds)
                         else:
-                            for value in forward_timings(model, tensor, args.requests // 2):
+                            for value in forward_timings(model, tensor, per_block):
                                 samples.record(f"inproc{size}", value)
             rss["peak"] = server.memory_mb("VmHWM")
             rss["before_reload"] = server.memory_mb("VmRSS")
