@@ -32,7 +32,7 @@ format: $(STAMP)
 
 # Every benchmark table in the README, one after the other (about 40 minutes on 2 cores).
 bench: $(STAMP)
-	$(BIN)/python bench/transfer.py --size-mib 1024 --runs 3 --s3
+	$(BIN)/python bench/transfer.py --size-mib 1024 --runs 5 --s3
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/serving.py
 
