@@ -374,7 +374,8 @@ def load_torch_export(path: Path, device: torch.device, factory: str | None) -> 
 
 def load_state_dict(path: Path, device: torch.device, factory: str | None) -> tuple[Any, None]:
     # read into process memory, not mmapped: forward passes over weights left in a mapping
-    # of the downloaded cache file ran ~4% slower here (bench/server.py, 286 MB MLP)
+    # of the downloaded cache file ran ~4% slower here (two servers side by side on one
+    # cache file, the 286 MB benchmark MLP); a warm start pays ~0.15 s for the copy
     weights = torch.load(path, map_location=device, weights_only=True)
     return build_with_weights(factory, "state_dict", weights, device), None
 
