@@ -14,6 +14,7 @@ commands that use them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import json
 import os
@@ -772,6 +773,11 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+#: what writing to stdout fails with when the output cannot go anywhere: a full disk, a
+#: reader that went away (`nexus list | head -1`), a broken device
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EPIPE, errno.EIO}
+
+
 def run() -> NoReturn:
     """The ``nexus`` executable: ``main()``, then the end of the process, at once.
 
@@ -786,6 +792,12 @@ def run() -> NoReturn:
         code: object = 0
     except SystemExit as exc:
         code = exc.code
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        with contextlib.suppress(OSError):  # stderr may be the broken one
+            sys.stderr.write(f"error: cannot write the output: {exc.strerror}\n")
+        code = 120
     if code is None:
         code = 0
     elif not isinstance(code, int):
@@ -793,9 +805,15 @@ def run() -> NoReturn:
         code = 1
     if "logging" in sys.modules:  # boto3 and google-cloud-storage load it
         sys.modules["logging"].shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing to flush to
+    for stream in (sys.stdout, sys.stderr):  # stderr last: it may report stdout's failure
+        try:
             stream.flush()
+        except (OSError, ValueError) as exc:  # as Python's own exit would: status 120
+            code = code or 120
+            if stream is sys.stdout:
+                reason = getattr(exc, "strerror", None) or exc
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(f"error: cannot write the output: {reason}\n")
     os._exit(code)
 
 

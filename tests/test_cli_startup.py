@@ -97,3 +97,18 @@ def test_the_executable_ends_fast_but_loses_no_output(cli, repo: Repo) -> None:
     assert missing.exit_code == 4, missing.stderr
     assert json.loads(missing.stdout)["error"]["code"]
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_not_a_success(repo: Repo) -> None:
+    """With the teardown skipped, a failed final flush must still fail the command (120,
+    as Python's own exit would), not vanish behind exit status 0."""
+    for args in (["--help"], ["list", "--json"]):  # written at once; buffered to the end
+        with open("/dev/full", "w") as full:
+            completed = subprocess.run(
+                [sys.executable, "-m", "nexus_cli", *args],
+                cwd=repo.path, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+            )  # fmt: skip
+        assert completed.returncode == 120, (args, completed.stderr)
+        assert "cannot write the output: No space left on device" in completed.stderr
+        assert "Traceback" not in completed.stderr
