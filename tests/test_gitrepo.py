@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from nexus_cli import gitrepo
 from nexus_cli.errors import GitError
 from nexus_cli.files import temp_path_beside
 from nexus_cli.gitrepo import GitRepo, holds_tracked_files, worktree_root
@@ -39,6 +43,25 @@ def test_without_a_git_executable(repo: Repo, tmp_path: Path, monkeypatch) -> No
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(GitError, match="git is not usable here"):
         GitRepo.discover(repo.path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell-script git")
+def test_a_git_that_hangs_is_given_up_on(repo: Repo, tmp_path: Path, monkeypatch) -> None:
+    """A wedged git (a network filesystem, a stuck fsmonitor) fails the command in bounded
+    time, and the stuck processes are killed, not left behind."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "git").write_text("#!/bin/sh\nexec sleep 30\n")
+    (fake / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(gitrepo, "GIT_TIMEOUT", 1)
+    started = time.monotonic()
+    repo_facts = GitRepo.start(repo.path)
+    with pytest.raises(GitError, match="did not finish within 1 s"):
+        repo_facts.head_commit()
+    repo_facts.close()
+    assert time.monotonic() - started < 10
+    assert all(query._process is None for query in repo_facts._queries)  # none left running
 
 
 def test_staged_deleted_and_conflicted_paths_are_dirty(repo: Repo) -> None:
