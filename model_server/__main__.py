@@ -32,10 +32,9 @@ def main() -> None:
         print(f"nexus-model-server: {exc}", file=sys.stderr)
         sys.exit(2)
 
-    from nexus_cli.transfer import release_freed_buffers_early
+    from model_server.memory import one_malloc_arena
 
-    # large tensors are mmapped by malloc and unmapped on free: a reload leaves no copy behind
-    release_freed_buffers_early()
+    one_malloc_arena()
 
     import uvicorn
 

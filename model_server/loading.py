@@ -36,6 +36,7 @@ from nexus_cli.formats import detect_format
 from nexus_cli.metadata import VersionRecord
 from nexus_cli.serving import SignatureError, TensorSpec, sample_specs
 
+from model_server.memory import return_free_memory
 from model_server.settings import Settings
 
 log = logging.getLogger("model_server.loading")
@@ -515,6 +516,8 @@ def load_latest(
     with _timed("weights", report) as note:
         path, hit = fetch_weights(settings, project, record)
         note["detail"] = f"{'cache hit' if hit else 'downloaded'}: {path}"
+    if not hit:
+        return_free_memory()  # the download's part buffers, before the weights arrive
     with _timed("load", report) as note:
         device = resolve_device(settings.device)
         model = load_module(path, record, device, settings.factory)

@@ -11,19 +11,17 @@ version it loaded already serving and answers without loading anything.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import gc
 import logging
-import sys
+import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from nexus_cli.serving import ServingError
 
 from model_server.loading import LoadedModel, LoadError, load_latest
+from model_server.memory import return_free_memory, return_memory_when_freed
 from model_server.metrics import Metrics
 from model_server.runner import DeviceRunner
 from model_server.settings import Settings
@@ -55,19 +53,6 @@ class ReloadResult:
     to_commit: str
     model: str
     changed: bool
-
-
-def release_memory(still_there: Callable[[], object | None]) -> None:
-    """Give the old weights back: collect cycles if something still holds the old module
-    (a full collection holds the GIL for a while, so only then), trim the C heap, empty
-    the CUDA cache."""
-    if still_there() is not None:
-        gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class ModelManager:
@@ -139,6 +124,8 @@ class ModelManager:
             )
         except LoadError as exc:
             self.metrics.reloads.labels("failed").inc()
+            _forget_locals(exc)  # the failed load's finished frames hold what it loaded
+            await asyncio.to_thread(return_free_memory)
             why = f"{exc.step} failed: {exc.message}"
             if current is None:
                 self.state, self.reason = "failed", why
@@ -167,10 +154,13 @@ class ModelManager:
         else:
             log.info("%s: ready, serving %s", trigger, result.describe())
         if current is not None:
+            return_memory_when_freed(current.module, asyncio.get_running_loop())
             old_module = _weak(current.module)
-            # requests still running on the old model hold it until they finish
             del current
-            await asyncio.to_thread(release_memory, old_module)
+            if old_module() is not None:
+                # a request still running on it, or a reference cycle: a full collection
+                # holds the GIL for a while, so only then
+                await asyncio.to_thread(gc.collect)
         return ReloadResult(from_commit, result.commit_hash, result.name, True)
 
 
@@ -179,3 +169,13 @@ def _weak(value: object) -> Callable[[], object | None]:
         return weakref.ref(value)
     except TypeError:  # not weakly referenceable: assume it may be in a cycle
         return lambda: value
+
+
+def _forget_locals(error: BaseException) -> None:
+    """Clear the local variables of the finished frames in ``error``'s tracebacks, and in
+    those of the errors that caused it (a warm-up's error holds the model it ran)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__

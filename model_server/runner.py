@@ -100,6 +100,9 @@ class DeviceRunner:
                 self._resolve(job, Ran(outputs, started - job.queued_at, seconds), None)
             except BaseException as exc:  # noqa: BLE001 - every failure goes to its caller
                 self._resolve(job, None, _serving_error(exc, job.model))
+            # idle, the worker must not keep the last job's model alive: after a swap that
+            # would pin the old weights until the next request
+            del job
 
     @staticmethod
     def _resolve(job: _Job, result: object, error: BaseException | None) -> None:
