@@ -45,6 +45,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def s3_storage(bucket: str, endpoint: str) -> dict[str, str]:
+    """The storage overrides that point nexus at ``bucket`` on an S3 server (moto)."""
+    return {
+        "NEXUS_PROVIDER": "s3",
+        "NEXUS_BUCKET": bucket,
+        "NEXUS_ENDPOINT_URL": endpoint,
+        "NEXUS_REGION": "us-east-1",
+    }
+
+
 def clean_environ() -> dict[str, str]:
     """This process's environment without credentials, proxies or NEXUS_* settings."""
     env = {

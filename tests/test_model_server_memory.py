@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from model_server.demo import MLP, save
-from tests.servers import ModelServerProcess, make_model_repo, publish
+from tests.servers import ModelServerProcess, make_model_repo, publish, s3_storage
 
 FEATURES = 1024
 FACTORY = """
@@ -152,12 +152,7 @@ def test_a_download_leaves_no_transfer_buffers_behind(
     """A start that downloads 64 MB from S3 in parallel 8 MiB parts ends with the RSS of a
     start from a warm cache: each download thread's last part used to stay in its own
     malloc arena, where a trim does not reach."""
-    storage = {
-        "NEXUS_PROVIDER": "s3",
-        "NEXUS_BUCKET": s3_bucket,
-        "NEXUS_ENDPOINT_URL": moto_endpoint,
-        "NEXUS_REGION": "us-east-1",
-    }
+    storage = s3_storage(s3_bucket, moto_endpoint)
     repo = make_wide_repo(tmp_path / "project")
     publish_wide(repo, seed=1, environ={**aws_env, **storage})
     env = {

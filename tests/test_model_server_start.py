@@ -26,6 +26,7 @@ from tests.servers import (
     publish,
     publish_demo,
     reference_outputs,
+    s3_storage,
 )
 
 pytest_plugins = ["tests.cloud_servers"]
@@ -311,12 +312,7 @@ def test_s3_start_and_restart_with_a_warm_cache(
     moto_endpoint: str,
     aws_env: dict,
 ) -> None:
-    storage = {
-        "NEXUS_PROVIDER": "s3",
-        "NEXUS_BUCKET": s3_bucket,
-        "NEXUS_ENDPOINT_URL": moto_endpoint,
-        "NEXUS_REGION": "us-east-1",
-    }
+    storage = s3_storage(s3_bucket, moto_endpoint)
     repo = make_model_repo(tmp_path / "project")
     version = publish_demo(repo, seed=1, environ={**aws_env, **storage})
     assert s3_client.head_object(Bucket=s3_bucket, Key=version.record.storage_uri)
