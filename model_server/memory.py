@@ -64,4 +64,5 @@ def return_memory_when_freed(owner: object, loop: asyncio.AbstractEventLoop) -> 
 
 
 def _trim_off_the_loop(loop: asyncio.AbstractEventLoop) -> None:
-    loop.run_in_executor(None, return_free_memory)
+    with contextlib.suppress(RuntimeError):  # the executor has shut down: the server stops
+        loop.run_in_executor(None, return_free_memory)
