@@ -15,6 +15,7 @@ if hasattr(signal, "SIGHUP"):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 import logging  # noqa: E402 - after the SIGHUP guard, which must come first
+import os  # noqa: E402
 import sys  # noqa: E402
 
 from model_server.settings import Settings, SettingsError  # noqa: E402
@@ -34,7 +35,7 @@ def main() -> None:
 
     from model_server.memory import one_malloc_arena
 
-    one_malloc_arena()
+    one_malloc_arena(os.environ)
 
     import uvicorn
 

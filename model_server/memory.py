@@ -21,15 +21,24 @@ import contextlib
 import ctypes
 import sys
 import weakref
+from collections.abc import Mapping
 
 import torch
 
+#: glibc's mallopt parameter for the most arenas malloc may create
+M_ARENA_MAX = -8
 
-def one_malloc_arena() -> None:
-    """Have every thread allocate from malloc's main arena (``M_ARENA_MAX`` = 1)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(-8, 1)
+
+def one_malloc_arena(environ: Mapping[str, str]) -> bool:
+    """Have every thread allocate from malloc's main arena (``M_ARENA_MAX`` = 1), unless
+    the operator chose a number of arenas (``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES``).
+    Whether it was set."""
+    chosen = "MALLOC_ARENA_MAX" in environ or "arena_max" in environ.get("GLIBC_TUNABLES", "")
+    if chosen or not sys.platform.startswith("linux"):
+        return False
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 1) == 1
+    return False
 
 
 def return_free_memory() -> None:

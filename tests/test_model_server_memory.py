@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from model_server.demo import MLP, save
+from model_server.memory import one_malloc_arena
 from tests.servers import ModelServerProcess, make_model_repo, publish, s3_storage
 
 FEATURES = 1024
@@ -167,3 +168,10 @@ def test_a_download_leaves_no_transfer_buffers_behind(
             assert start in server.wait_ready()["checks"]["weights"]
             rss[start] = proc_status(server.process.pid, "VmRSS") / 2**20
     assert rss["downloaded"] - rss["cache hit"] < weights_mb() / 2, rss
+
+
+@pytest.mark.parametrize(
+    "environ", [{"MALLOC_ARENA_MAX": "4"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}]
+)
+def test_an_arena_count_the_operator_chose_is_kept(environ: dict) -> None:
+    assert one_malloc_arena(environ) is False
