@@ -3,7 +3,7 @@
 glibc's malloc keeps its adaptive mmap threshold here, so the hot path's buffers (the
 JSON parser's, about 12 times the body; a forward pass's activations) stay in the heap
 and each request reuses them instead of faulting fresh pages in. The CLI's fixed 1 MiB
-threshold (``nexus_cli.transfer.release_freed_buffers_early``) cost the server ~217
+threshold (``nexus_cli.transfer.release_freed_buffers_early``) cost the server ~420
 page faults and ~0.45 ms of decoding per 32-sample request, measured side by side.
 
 The price is that freed blocks stay in the heap until it is trimmed. Two things let a
