@@ -140,6 +140,7 @@ class FakeModelServer:
             {
                 "batch_sizes": self.batch_sizes,
                 "request_ids": self.request_ids,
+                "running": self.running,
                 "most_running": self.most_running,
             }
         )

@@ -59,16 +59,18 @@ def _reset(backend):
 
 
 def test_callers_that_hang_up_while_queued_never_reach_the_model(proxy, backend) -> None:
-    control(backend, delay=1.0)
+    # 2 s: the hung-up callers must still be queued when the proxy notices, on a busy CI too
+    control(backend, delay=2.0)
     sample = json.dumps({"input": [1, 2, 3, 4]}).encode()
-    # two callers fill both of the model server's slots for a second
+    # two callers fill both of the model server's slots; one after the
+    # other, or the proxy may batch them together and leave a slot free
     busy = [
         threading.Thread(target=http, args=("POST", proxy.url + "/predict", sample))
         for _ in range(2)
     ]
-    for thread in busy:
+    for count, thread in enumerate(busy, start=1):
         thread.start()
-    wait_until(lambda: stats(backend)["most_running"] >= 2 or not busy[0].is_alive())
+        wait_until(lambda n=count: stats(backend)["running"] >= n, 10, f"{count} running")
     gone = []
     for i in range(10):
         conn = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
