@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,6 @@ import torch
 from nexus_cli.api import Project
 from tests.servers import (
     SIGNATURE_8_IN,
-    ServerPool,
     clean_environ,
     free_port,
     make_model_repo,
@@ -29,14 +27,7 @@ from tests.servers import (
     s3_storage,
 )
 
-pytest_plugins = ["tests.cloud_servers"]
-
-
-@pytest.fixture
-def model_server_process(tmp_path: Path) -> Iterator:
-    """``model_server_process(env, cwd)`` starts a server; all stop after the test."""
-    with ServerPool(tmp_path) as pool:
-        yield pool.start
+pytest_plugins = ["tests.cloud_servers", "tests.servers"]
 
 
 SLOW_FACTORY = """
