@@ -6,8 +6,8 @@
 "value the model rejects" (422 naming the sample); ``POST /control`` changes its
 behaviour at run time (delay per batch, readiness, limits, commit, signature, a forced
 status, any field of its metadata document), and ``GET /stats`` says what it saw (batch
-sizes, request ids, most batches running at once). It runs in its own process, so tests can
-kill and restart it.
+sizes, request ids, batches running now and the most at once). It runs in its own process,
+so tests can kill and restart it.
 
 The module also starts processes for the proxy tests: ``start_fake_backend``,
 ``start_proxy`` (``python -m proxy``), and small HTTP helpers on urllib.
