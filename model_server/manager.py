@@ -14,8 +14,6 @@ import asyncio
 import gc
 import logging
 import traceback
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from nexus_cli.serving import ServingError
@@ -154,21 +152,13 @@ class ModelManager:
         else:
             log.info("%s: ready, serving %s", trigger, result.describe())
         if current is not None:
-            return_memory_when_freed(current.module, asyncio.get_running_loop())
-            old_module = _weak(current.module)
+            old_alive = return_memory_when_freed(current.module, asyncio.get_running_loop())
             del current
-            if old_module() is not None:
+            if old_alive():
                 # a request still running on it, or a reference cycle: a full collection
                 # holds the GIL for a while, so only then
                 await asyncio.to_thread(gc.collect)
         return ReloadResult(from_commit, result.commit_hash, result.name, True)
-
-
-def _weak(value: object) -> Callable[[], object | None]:
-    try:
-        return weakref.ref(value)
-    except TypeError:  # not weakly referenceable: assume it may be in a cycle
-        return lambda: value
 
 
 def _forget_locals(error: BaseException) -> None:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import sys
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -29,35 +30,48 @@ import torch
 M_ARENA_MAX = -8
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (what ``mallopt`` and ``malloc_trim`` need), else
+    None: other systems and C libraries keep their own ways."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
 def one_malloc_arena(environ: Mapping[str, str]) -> bool:
     """Have every thread allocate from malloc's main arena (``M_ARENA_MAX`` = 1), unless
     the operator chose a number of arenas (``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES``).
     Whether it was set."""
     chosen = "MALLOC_ARENA_MAX" in environ or "arena_max" in environ.get("GLIBC_TUNABLES", "")
-    if chosen or not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if chosen or libc is None:
         return False
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 1) == 1
-    return False
+    return libc.mallopt(M_ARENA_MAX, 1) == 1
 
 
 def return_free_memory() -> None:
     """Give the free pages of every malloc arena back to the OS (``malloc_trim``), and
     the CUDA caching allocator's unused blocks back to the device."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def return_memory_when_freed(owner: object, loop: asyncio.AbstractEventLoop) -> None:
-    """Return free memory once ``owner`` (swapped-out weights) is deallocated.
+def return_memory_when_freed(owner: object, loop: asyncio.AbstractEventLoop) -> Callable[[], bool]:
+    """Return free memory once ``owner`` (swapped-out weights) is deallocated; a function
+    that says whether ``owner`` is still alive.
 
     That is not always at the swap: a request still running on the old model holds it
     until the request ends. The finalizer runs in the middle of the deallocation, before
-    the weights are freed, so it only asks ``loop`` to trim later, on a worker thread;
-    when ``owner`` cannot be watched, that is done at once.
+    the weights are freed, so it only asks ``loop`` to trim later, on a worker thread.
+    When ``owner`` cannot be watched, that is done at once, and it counts as alive.
     """
 
     def on_freed() -> None:
@@ -68,8 +82,9 @@ def return_memory_when_freed(owner: object, loop: asyncio.AbstractEventLoop) -> 
         finalizer = weakref.finalize(owner, on_freed)
     except TypeError:
         on_freed()
-        return
+        return lambda: True
     finalizer.atexit = False  # an exiting process gives everything back anyway
+    return lambda: finalizer.alive
 
 
 def _trim_off_the_loop(loop: asyncio.AbstractEventLoop) -> None:
