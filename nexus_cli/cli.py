@@ -795,8 +795,7 @@ def run() -> NoReturn:
     except OSError as exc:
         if exc.errno not in _OUTPUT_ERRNOS:
             raise
-        with contextlib.suppress(OSError):  # stderr may be the broken one
-            sys.stderr.write(f"error: cannot write the output: {exc.strerror}\n")
+        _say_output_failed(exc)
         code = 120
     if code is None:
         code = 0
@@ -811,10 +810,14 @@ def run() -> NoReturn:
         except (OSError, ValueError) as exc:  # as Python's own exit would: status 120
             code = code or 120
             if stream is sys.stdout:
-                reason = getattr(exc, "strerror", None) or exc
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.write(f"error: cannot write the output: {reason}\n")
+                _say_output_failed(exc)
     os._exit(code)
+
+
+def _say_output_failed(exc: Exception) -> None:
+    reason = getattr(exc, "strerror", None) or exc
+    with contextlib.suppress(OSError, ValueError):  # stderr may be the broken one
+        sys.stderr.write(f"error: cannot write the output: {reason}\n")
 
 
 if __name__ == "__main__":
