@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -127,6 +129,36 @@ def test_a_reload_leaves_no_second_copy_behind(server: ModelServerProcess, repo:
     # no request after the swap: nothing but the server itself may free the old weights
     grown_mb = wait_for_rss_near(pid, before)
     assert grown_mb < weights_mb() / 2, f"RSS grew {grown_mb:.0f} MB over a reload"
+
+
+def test_reloads_under_load_leave_no_copies_behind(server: ModelServerProcess, repo: Path) -> None:
+    """Requests in flight hold the old weights past the swap; they are given back once
+    the last of those requests ends, reload after reload."""
+    pid = server.process.pid
+    stop = threading.Event()
+
+    def hammer() -> list[int]:
+        with httpx.Client(base_url=server.url, timeout=60, trust_env=False) as client:
+            statuses = []
+            deadline = time.monotonic() + 60  # bounded whatever happens
+            while not stop.is_set() and time.monotonic() < deadline:
+                statuses.append(client.post("/predict/batch", json=BODY).status_code)
+            return statuses
+
+    with httpx.Client(base_url=server.url, timeout=120, trust_env=False) as client:
+        before = proc_status(pid, "VmRSS")
+        with ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(hammer) for _ in range(4)]
+            for seed in (10, 11, 12):
+                publish_wide(repo, seed=seed)
+                answer = client.post("/admin/reload")
+                assert answer.status_code == 200, answer.text
+            stop.set()
+            statuses = [status for done in clients for status in done.result()]
+    assert statuses, "no request was sent"
+    assert set(statuses) == {200}, sorted(set(statuses))
+    grown_mb = wait_for_rss_near(pid, before)
+    assert grown_mb < weights_mb() / 2, f"RSS grew {grown_mb:.0f} MB over 3 reloads under load"
 
 
 def test_a_failed_reload_leaves_nothing_behind(server: ModelServerProcess, repo: Path) -> None:
